@@ -1,0 +1,11 @@
+"""fastgrad: a small, fast autodiff engine that keeps vugrad's API."""
+from .core import TensorNode, OpNode, Op, backward, no_grad, is_grad_enabled
+from .ops import (Add, Subtract, Multiply, Divide, MatrixMultiply, BatchMM, Sum, Normalize, Exp, Log,
+                  Sigmoid, ReLU, Tanh, Expand, Select, Squeeze, Unsqueeze, Reshape, Transpose, Softmax,
+                  LogSoftmax, CrossEntropy, Linear as LinearOp)
+from .functions import sigmoid, relu, tanh, softmax, logsoftmax, celoss, logceloss, cross_entropy
+from .modules import Module, Linear, MLP, Sequential
+from .optim import SGD, Adam
+from .gradcheck import gradcheck, GradcheckError
+
+__version__ = '0.1.0'

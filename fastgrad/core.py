@@ -1,0 +1,343 @@
+"""The computation graph: TensorNode (values), OpNode (an Op applied to nodes), Op, backward, no_grad.
+
+Backward walks the graph once, iteratively, in reverse topological order: every OpNode's backward runs
+exactly once, after the gradients of all its outputs are complete. Gradients are reduced back to each
+input's shape (undoing broadcasting) in one place, `_reduce_to_shape`, not in every op.
+"""
+import weakref
+
+import numpy as np
+
+_grad_enabled = True
+
+
+class no_grad:
+    """Context manager under which ops build no graph (values only, as for evaluation)."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self._previous, _grad_enabled = _grad_enabled, False
+        return self
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._previous
+        return False
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+def _grad_dtype(value):
+    return value.dtype if np.issubdtype(value.dtype, np.floating) else np.dtype(np.float64)
+
+
+class TensorNode:
+    """A value in the computation graph, with the gradient of the loss over it.
+
+    `grad` reads as zeros before any backward and accumulates over backward calls, as in vugrad and
+    PyTorch. `requires_grad=False` marks data: nothing that depends only on it gets a gradient.
+    """
+
+    __array_ufunc__ = None  # so `array + node` calls TensorNode.__radd__ instead of numpy's elementwise loop
+
+    def __init__(self, value, source=None, requires_grad=True):
+        self.value = np.asarray(value)
+        self.source = source
+        self.requires_grad = bool(requires_grad)
+        self._grad = None         # None means zeros; see `grad`
+        self._grad_owned = False  # whether _grad is ours to update in place (not shared with another node)
+
+    # -- the gradient
+    @property
+    def grad(self):
+        if self._grad is None:
+            self._grad = np.zeros(self.value.shape, dtype=_grad_dtype(self.value))
+            self._grad_owned = True
+        elif not self._grad_owned:
+            self._grad = self._grad.copy()
+            self._grad_owned = True
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad = None if value is None else np.asarray(value)
+        self._grad_owned = False
+
+    def _accumulate_grad(self, g):
+        """Adds one backward pass's gradient; keeps a reference until something needs to write to it."""
+        if self._grad is None:
+            self._grad, self._grad_owned = g, False
+        elif self._grad_owned:
+            self._grad += g
+        else:
+            self._grad, self._grad_owned = self._grad + g, True
+
+    # -- shape
+    def size(self, dim=None):
+        return self.value.shape if dim is None else self.value.shape[dim]
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    def __array__(self, dtype=None, copy=None):
+        if copy:
+            return np.array(self.value, dtype=dtype, copy=True)
+        return np.asarray(self.value, dtype=dtype)
+
+    def __len__(self):
+        return len(self.value)
+
+    def __repr__(self):
+        source = None if self.source is None else self.source.op.__name__
+        return f'TensorNode(shape={self.shape}, dtype={self.dtype}, source={source})'
+
+    __str__ = __repr__
+
+    # -- the graph below this node
+    def backward(self):
+        """Backpropagates from this single-element node; gradients accumulate into every node below."""
+        if self.value.size != 1:
+            raise ValueError(f'backward() starts from a single-element node (a loss); this node has shape '
+                             f'{self.value.shape}: reduce it first, e.g. with .sum()')
+        backward(self)
+
+    def zero_grad(self):
+        """Resets the gradient of this node and of every node below it (vugrad's behaviour)."""
+        for node in self._nodes_below():
+            node._grad, node._grad_owned = None, False
+
+    def clear(self):
+        """Disconnects the graph below this node so that it can be freed; parameters stay with their modules."""
+        for node in self._nodes_below():
+            opnode = node.source
+            node.source = None
+            if opnode is not None:
+                opnode.inputs, opnode.context = None, None
+
+    def _nodes_below(self):
+        """Every TensorNode this one was computed from, itself included (iterative: graphs can be deep)."""
+        seen, stack, found = {id(self)}, [self], []
+        while stack:
+            node = stack.pop()
+            found.append(node)
+            if node.source is not None and node.source.inputs is not None:
+                for parent in node.source.inputs:
+                    if id(parent) not in seen:
+                        seen.add(id(parent))
+                        stack.append(parent)
+        return found
+
+    # -- operators: nodes, scalars and arrays; constants are cast to this node's floating dtype
+    def _node(self, other):
+        if isinstance(other, TensorNode):
+            return other
+        other = np.asarray(other)
+        if np.issubdtype(self.dtype, np.floating) and other.dtype != self.dtype:
+            other = other.astype(self.dtype)
+        return TensorNode(other, requires_grad=False)
+
+    def __add__(self, other):
+        return ops.Add.do_forward(self, self._node(other))
+
+    def __radd__(self, other):
+        return ops.Add.do_forward(self._node(other), self)
+
+    def __sub__(self, other):
+        return ops.Subtract.do_forward(self, self._node(other))
+
+    def __rsub__(self, other):
+        return ops.Subtract.do_forward(self._node(other), self)
+
+    def __mul__(self, other):
+        return ops.Multiply.do_forward(self, self._node(other))
+
+    def __rmul__(self, other):
+        return ops.Multiply.do_forward(self._node(other), self)
+
+    def __truediv__(self, other):
+        return ops.Divide.do_forward(self, self._node(other))
+
+    def __rtruediv__(self, other):
+        return ops.Divide.do_forward(self._node(other), self)
+
+    def __matmul__(self, other):
+        return ops.MatrixMultiply.do_forward(self, self._node(other))
+
+    def __rmatmul__(self, other):
+        return ops.MatrixMultiply.do_forward(self._node(other), self)
+
+    def __neg__(self):
+        return ops.Multiply.do_forward(self, self._node(-1))
+
+    def matmul(self, other):
+        return self @ other
+
+    def sum(self, axis=None):
+        return ops.Sum.do_forward(self, axis=axis)
+
+    @property
+    def T(self):
+        return ops.Transpose.do_forward(self)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return ops.Reshape.do_forward(self, shape=shape)
+
+
+class OpNode:
+    """One application of an Op: `.op` (the Op class), `.context`, `.inputs` and `.outputs`.
+
+    Outputs are held weakly, so that a graph is freed by reference counting as soon as its loss is
+    dropped; an output nobody holds any more gets a zero gradient.
+    """
+
+    def __init__(self, op, context, inputs):
+        self.op = op
+        self.context = context
+        self.inputs = inputs
+        self._outputs = []
+        self._output_meta = []  # (shape, dtype) of each output, for the zeros of an unused one
+
+    @property
+    def outputs(self):
+        return [ref() for ref in self._outputs]
+
+    def _set_outputs(self, nodes):
+        self._outputs = [weakref.ref(node) for node in nodes]
+        self._output_meta = [(node.shape, _grad_dtype(node.value)) for node in nodes]
+
+    def zero_grad(self):
+        for node in self.inputs or ():
+            node.zero_grad()
+
+    def clear(self):
+        for node in self.inputs or ():
+            node.clear()
+        self.inputs, self.context = None, None
+
+    def __repr__(self):
+        return f'OpNode({self.op.__name__})'
+
+
+class Op:
+    """An operation: subclass with static `forward(context, *inputs, **constants)` and `backward(context, *goutputs)`.
+
+    forward gets raw arrays (and keyword constants, which get no gradient) and returns one array or a tuple.
+    backward gets one gradient per output and returns one per input (or None). `context['needs_input_grad']`
+    is a tuple of bools, one per input, set before forward, so either can skip work nobody needs.
+    """
+
+    @classmethod
+    def do_forward(cls, *inputs, **constants):
+        for i, node in enumerate(inputs):
+            if not isinstance(node, TensorNode):
+                raise TypeError(f'{cls.__name__}: input {i} is a {type(node).__name__}, not a TensorNode '
+                                f'(wrap arrays in TensorNode, or pass constants as keyword arguments)')
+        needs = tuple(node.requires_grad for node in inputs) if _grad_enabled else (False,) * len(inputs)
+        context = {'needs_input_grad': needs}
+        raw = cls.forward(context, *[node.value for node in inputs], **constants)
+        raw = raw if isinstance(raw, tuple) else (raw,)
+        tracked = any(needs)
+        opnode = OpNode(cls, context, list(inputs)) if tracked else None
+        outputs = [TensorNode(value, source=opnode, requires_grad=tracked) for value in raw]
+        if tracked:
+            opnode._set_outputs(outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    @staticmethod
+    def forward(context, *inputs, **constants):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(context, *goutputs):
+        raise NotImplementedError
+
+
+def _reduce_to_shape(op, index, g, shape):
+    """Sums a broadcast gradient back to the shape of the input it belongs to."""
+    g = np.asarray(g)
+    if g.shape == shape:
+        return g
+    extra = g.ndim - len(shape)
+    if extra >= 0 and all(s in (1, gs) for s, gs in zip(shape, g.shape[extra:])):
+        axes = tuple(range(extra)) + tuple(extra + i for i, s in enumerate(shape) if s == 1 and g.shape[extra + i] != 1)
+        g = g.sum(axis=axes, keepdims=True)
+        if extra:
+            g = g.reshape(g.shape[extra:])
+        if g.shape == shape:
+            return g
+    if g.size == 1 and int(np.prod(shape)) == 1:  # e.g. a () gradient for a (1, 1) input
+        return g.reshape(shape)
+    raise ValueError(f'{op.__name__}.backward returned a gradient of shape {np.shape(g)} for input {index}, '
+                     f'which has shape {shape}')
+
+
+def _topological_opnodes(root):
+    """The OpNodes that lead to root, each after every OpNode that consumes its outputs (iterative DFS)."""
+    order, visited = [], set()
+    stack = [(root.source, False)] if root.source is not None else []
+    while stack:
+        opnode, expanded = stack.pop()
+        if expanded:
+            order.append(opnode)
+            continue
+        if id(opnode) in visited:
+            continue
+        visited.add(id(opnode))
+        stack.append((opnode, True))
+        for node in opnode.inputs or ():
+            source = node.source
+            if node.requires_grad and source is not None and id(source) not in visited:
+                stack.append((source, False))
+    order.reverse()  # consumers before producers
+    return order
+
+
+def backward(root):
+    """Accumulates d root / d node into `.grad` of every node below root that requires a gradient."""
+    if root.source is not None and root.source.inputs is None:
+        raise RuntimeError('backward() through a graph that was cleared')
+    pending = {id(root): np.ones(root.shape, dtype=_grad_dtype(root.value))}  # gradients not yet complete
+    leaves = {}
+    for opnode in _topological_opnodes(root):
+        outputs = opnode.outputs
+        goutputs = []
+        for node, (shape, dtype) in zip(outputs, opnode._output_meta):
+            g = pending.pop(id(node), None) if node is not None else None
+            if g is None:
+                g = np.zeros(shape, dtype=dtype)
+            elif node is not None:
+                node._accumulate_grad(g)
+            goutputs.append(g)
+        ginputs = opnode.op.backward(opnode.context, *goutputs)
+        ginputs = ginputs if isinstance(ginputs, tuple) else (ginputs,)
+        if len(ginputs) != len(opnode.inputs):
+            raise ValueError(f'{opnode.op.__name__}.backward returned {len(ginputs)} gradients for '
+                             f'{len(opnode.inputs)} inputs')
+        for i, (node, g) in enumerate(zip(opnode.inputs, ginputs)):
+            if g is None or not node.requires_grad:
+                continue
+            g = _reduce_to_shape(opnode.op, i, g, node.shape)
+            dtype = _grad_dtype(node.value)
+            if g.dtype != dtype:
+                g = g.astype(dtype)
+            key = id(node)
+            # never add in place here: g may be shared with another input or with the op's context
+            pending[key] = g if key not in pending else pending[key] + g
+            if node.source is None:
+                leaves[key] = node
+    if root.source is None:
+        leaves[id(root)] = root
+    for key, node in leaves.items():
+        node._accumulate_grad(pending[key])
+
+
+from . import ops  # noqa: E402  (the operators above need the ops; ops need Op)

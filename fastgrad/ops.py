@@ -1,0 +1,406 @@
+"""The built-in Ops: one class per op, forward and backward side by side.
+
+The maths lives here; the heavy lifting (matmuls, activations, softmax, cross-entropy) is delegated to the
+numba kernels in the top-level `kernels` package. Broadcasting gradients are reduced by the framework
+(core._reduce_to_shape), so the elementwise ops return full-shape gradients. No backward writes into a
+forward value.
+"""
+import numpy as np
+
+import kernels
+from .core import Op
+
+
+# -- helpers shared by the ops
+def _floating(x):
+    """x as a floating array: integer inputs compute in float64, float32 stays float32."""
+    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+
+
+def _check_broadcast(op, a, b):
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f'{op}: shapes {a.shape} and {b.shape} do not broadcast') from None
+
+
+def _check_ndim(op, name, x, ndim):
+    if x.ndim != ndim:
+        raise ValueError(f'{op}: {name} must have {ndim} dimensions, got shape {x.shape}')
+
+
+def _blas_pair(op, a, b):
+    """Both operands as C-contiguous arrays of one floating dtype, for the numba matmul kernels."""
+    dtype = np.result_type(_floating(a).dtype, _floating(b).dtype)
+    return np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype)
+
+
+def _matmul(a, b):
+    """a @ b (2-D, float) through numba's BLAS: the one BLAS of the training step."""
+    a, b = _blas_pair('matmul', a, b)
+    return kernels.matmul(a, b)
+
+
+def _activation_forward(x, code):
+    x = np.ascontiguousarray(_floating(x))
+    return kernels.activation_forward(x.reshape(-1), code).reshape(x.shape)
+
+
+def _activation_backward(y, g, code):
+    g = np.ascontiguousarray(g, dtype=y.dtype)
+    return kernels.activation_backward(y.reshape(-1), g.reshape(-1), code).reshape(y.shape)
+
+
+def _rows(x):
+    """x as a C-contiguous 2-D float array (n, last dimension), for the row-wise softmax kernels."""
+    x = np.ascontiguousarray(_floating(x))
+    return x.reshape(-1, x.shape[-1]) if x.ndim != 1 else x.reshape(1, -1)
+
+
+# -- elementwise arithmetic (numpy broadcasting)
+class Add(Op):
+    """a + b."""
+    @staticmethod
+    def forward(context, a, b):
+        _check_broadcast('Add', a, b)
+        return a + b
+
+    @staticmethod
+    def backward(context, go):
+        return go, go
+
+
+class Subtract(Op):
+    """a - b."""
+    @staticmethod
+    def forward(context, a, b):
+        _check_broadcast('Subtract', a, b)
+        return a - b
+
+    @staticmethod
+    def backward(context, go):
+        return go, -go
+
+
+class Multiply(Op):
+    """a * b, elementwise."""
+    @staticmethod
+    def forward(context, a, b):
+        _check_broadcast('Multiply', a, b)
+        context['a'], context['b'] = a, b
+        return a * b
+
+    @staticmethod
+    def backward(context, go):
+        need_a, need_b = context['needs_input_grad']
+        a, b = context['a'], context['b']
+        return (go * b if need_a else None), (go * a if need_b else None)
+
+
+class Divide(Op):
+    """a / b, elementwise."""
+    @staticmethod
+    def forward(context, a, b):
+        _check_broadcast('Divide', a, b)
+        context['a'], context['b'] = a, b
+        return a / b
+
+    @staticmethod
+    def backward(context, go):
+        need_a, need_b = context['needs_input_grad']
+        a, b = context['a'], context['b']
+        return (go / b if need_a else None), (-go * a / (b * b) if need_b else None)
+
+
+# -- matrix products
+class MatrixMultiply(Op):
+    """a @ b; 2-D float operands go through the numba kernel, anything else through np.matmul."""
+    @staticmethod
+    def forward(context, a, b):
+        if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
+            raise ValueError(f'MatrixMultiply: cannot multiply shapes {a.shape} and {b.shape}')
+        context['a'], context['b'] = a, b
+        if a.ndim == 2 and b.ndim == 2:
+            return _matmul(a, b)
+        return np.matmul(a, b)
+
+    @staticmethod
+    def backward(context, go):
+        need_a, need_b = context['needs_input_grad']
+        a, b = context['a'], context['b']
+        if a.ndim == 2 and b.ndim == 2:
+            ga = _matmul(go, b.T) if need_a else None
+            gb = _matmul(a.T, go) if need_b else None
+        else:
+            ga = np.matmul(go, np.swapaxes(b, -1, -2)) if need_a else None
+            gb = np.matmul(np.swapaxes(a, -1, -2), go) if need_b else None
+        return ga, gb
+
+
+class BatchMM(Op):
+    """vugrad's batch of matrix-vector products: matrix (m, f), vectors (n, f) -> vectors @ matrix.T, (n, m)."""
+    @staticmethod
+    def forward(context, matrix, vectors):
+        _check_ndim('BatchMM', 'matrix', matrix, 2)
+        _check_ndim('BatchMM', 'vectors', vectors, 2)
+        if matrix.shape[1] != vectors.shape[1]:
+            raise ValueError(f'BatchMM: matrix {matrix.shape} does not fit vectors {vectors.shape}')
+        context['matrix'], context['vectors'] = matrix, vectors
+        return _matmul(vectors, matrix.T)
+
+    @staticmethod
+    def backward(context, go):
+        need_m, need_v = context['needs_input_grad']
+        matrix, vectors = context['matrix'], context['vectors']
+        return (_matmul(go.T, vectors) if need_m else None), (_matmul(go, matrix) if need_v else None)
+
+
+class Linear(Op):
+    """act(x @ w.T + b) in one kernel: x (n, in), w (out, in), b (out,) or (1, out); activation is one of
+    None/'identity', 'relu', 'sigmoid', 'tanh'. x is cast to w's dtype (its gradient is cast back)."""
+    @staticmethod
+    def forward(context, x, w, b, activation=None):
+        if activation not in kernels.ACTIVATION_CODES:
+            raise ValueError(f'Linear: unknown activation {activation!r}; use one of identity, relu, sigmoid, tanh')
+        _check_ndim('Linear', 'input', x, 2)
+        _check_ndim('Linear', 'weight', w, 2)
+        if x.shape[1] != w.shape[1] or b.size != w.shape[0]:
+            raise ValueError(f'Linear: input {x.shape}, weight {w.shape} (out, in) and bias {b.shape} do not fit')
+        w = np.ascontiguousarray(_floating(w))
+        x = np.ascontiguousarray(x, dtype=w.dtype)
+        code = kernels.ACTIVATION_CODES[activation]
+        y = kernels.linear_forward(x, w, np.ascontiguousarray(b, dtype=w.dtype).reshape(-1), code)
+        context.update(x=x, w=w, y=y, code=code, bshape=b.shape)
+        return y
+
+    @staticmethod
+    def backward(context, go):
+        need_x, need_w, need_b = context['needs_input_grad']
+        gx, gw, gb = kernels.linear_backward(context['x'], context['w'], context['y'],
+                                             np.ascontiguousarray(go, dtype=context['y'].dtype),
+                                             context['code'], need_x)
+        return (gx if need_x else None), (gw if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
+
+
+# -- reductions and shapes
+class Sum(Op):
+    """Sum over all elements (vugrad's), or over `axis`; backward spreads the gradient back."""
+    @staticmethod
+    def forward(context, x, axis=None, keepdims=False):
+        context.update(shape=x.shape, axis=axis, keepdims=keepdims)
+        return np.asarray(x.sum(axis=axis, keepdims=keepdims))
+
+    @staticmethod
+    def backward(context, go):
+        shape, axis = context['shape'], context['axis']
+        if axis is not None and not context['keepdims']:
+            go = np.expand_dims(go, axis)
+        return np.broadcast_to(go, shape).copy()
+
+
+class Normalize(Op):
+    """Divides each row of a matrix by its sum."""
+    @staticmethod
+    def forward(context, x):
+        sumd = x.sum(axis=1, keepdims=True)
+        context['x'], context['sumd'] = x, sumd
+        return x / sumd
+
+    @staticmethod
+    def backward(context, go):
+        x, sumd = context['x'], context['sumd']
+        return go / sumd - (go * x / (sumd * sumd)).sum(axis=1, keepdims=True)
+
+
+class Expand(Op):
+    """Repeats a singleton dimension `dim` `repeats` times (explicit broadcasting); backward sums it back."""
+    @staticmethod
+    def forward(context, x, *, dim, repeats):
+        if x.shape[dim] != 1:
+            raise ValueError(f'Expand: can only expand a singleton dimension; dimension {dim} of shape {x.shape} is not')
+        context['dim'] = dim
+        return np.repeat(x, repeats, axis=dim)
+
+    @staticmethod
+    def backward(context, go):
+        return go.sum(axis=context['dim'], keepdims=True)
+
+
+class Select(Op):
+    """Picks one element per row: x (n, m), indices (n,) -> x[i, indices[i]], shape (n,)."""
+    @staticmethod
+    def forward(context, x, *, indices):
+        indices = np.asarray(indices)
+        _check_ndim('Select', 'input', x, 2)
+        if indices.shape != (x.shape[0],):
+            raise ValueError(f'Select: indices of shape {indices.shape} do not fit input {x.shape}')
+        rows = np.arange(x.shape[0])
+        context.update(shape=x.shape, rows=rows, indices=indices)
+        return x[rows, indices]
+
+    @staticmethod
+    def backward(context, go):
+        g = np.zeros(context['shape'], dtype=go.dtype)
+        g[context['rows'], context['indices']] = go
+        return g
+
+
+class Squeeze(Op):
+    """Removes singleton dimension `dim`."""
+    @staticmethod
+    def forward(context, x, dim=0):
+        context['dim'] = dim
+        return x.squeeze(dim)
+
+    @staticmethod
+    def backward(context, go):
+        return np.expand_dims(go, axis=context['dim'])
+
+
+class Unsqueeze(Op):
+    """Inserts a singleton dimension at `dim`."""
+    @staticmethod
+    def forward(context, x, dim=0):
+        context['dim'] = dim
+        return np.expand_dims(x, axis=dim)
+
+    @staticmethod
+    def backward(context, go):
+        return go.squeeze(context['dim'])
+
+
+class Reshape(Op):
+    """x.reshape(shape)."""
+    @staticmethod
+    def forward(context, x, *, shape):
+        context['shape'] = x.shape
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            raise ValueError(f'Reshape: cannot reshape {x.shape} into {tuple(shape)}') from None
+
+    @staticmethod
+    def backward(context, go):
+        return go.reshape(context['shape'])
+
+
+class Transpose(Op):
+    """x.transpose(axes); reverses the dimensions by default."""
+    @staticmethod
+    def forward(context, x, axes=None):
+        context['axes'] = axes
+        return x.transpose(axes)
+
+    @staticmethod
+    def backward(context, go):
+        axes = context['axes']
+        return go.transpose(None if axes is None else np.argsort(axes))
+
+
+# -- elementwise functions
+class Exp(Op):
+    """exp(x)."""
+    @staticmethod
+    def forward(context, x):
+        context['expd'] = np.exp(x)
+        return context['expd']
+
+    @staticmethod
+    def backward(context, go):
+        return go * context['expd']
+
+
+class Log(Op):
+    """Natural logarithm."""
+    @staticmethod
+    def forward(context, x):
+        context['x'] = x
+        return np.log(x)
+
+    @staticmethod
+    def backward(context, go):
+        return go / context['x']
+
+
+class _Activation(Op):
+    """An elementwise activation run by the numba kernel; backward uses the saved output."""
+    code = kernels.IDENTITY
+
+    @classmethod
+    def forward(cls, context, x):
+        context['y'] = y = _activation_forward(x, cls.code)
+        return y
+
+    @classmethod
+    def backward(cls, context, go):
+        return _activation_backward(context['y'], go, cls.code)
+
+
+class Sigmoid(_Activation):
+    """1 / (1 + exp(-x)), computed without overflow."""
+    code = kernels.SIGMOID
+
+
+class ReLU(_Activation):
+    """max(0, x); the gradient at 0 is 0, as in PyTorch."""
+    code = kernels.RELU
+
+
+class Tanh(_Activation):
+    """tanh(x)."""
+    code = kernels.TANH
+
+
+# -- softmax family (over the last dimension)
+class Softmax(Op):
+    """softmax over the last dimension, shifted by the maximum (stable for logits of +-1e4)."""
+    @staticmethod
+    def forward(context, x):
+        context['y'] = y = kernels.softmax(_rows(x)).reshape(x.shape)
+        return y
+
+    @staticmethod
+    def backward(context, go):
+        y = context['y']
+        return y * (go - (go * y).sum(axis=-1, keepdims=True))
+
+
+class LogSoftmax(Op):
+    """log softmax over the last dimension, via log-sum-exp."""
+    @staticmethod
+    def forward(context, x):
+        context['logp'] = logp = kernels.log_softmax(_rows(x))
+        return logp.reshape(x.shape)
+
+    @staticmethod
+    def backward(context, go):
+        logp = context['logp']
+        g = np.ascontiguousarray(go, dtype=logp.dtype).reshape(logp.shape)
+        return kernels.log_softmax_backward(logp, g).reshape(go.shape)
+
+
+class CrossEntropy(Op):
+    """Softmax cross-entropy of logits (n, classes) against integer targets (n,), in one kernel;
+    reduction 'mean' or 'sum'. Forward keeps the probabilities; backward is (p - onehot) scaled."""
+    @staticmethod
+    def forward(context, logits, *, targets, reduction='mean'):
+        targets = np.asarray(targets)
+        _check_ndim('CrossEntropy', 'logits', logits, 2)
+        if reduction not in ('mean', 'sum'):
+            raise ValueError(f"CrossEntropy: reduction must be 'mean' or 'sum', not {reduction!r}")
+        if targets.shape != (logits.shape[0],) or not np.issubdtype(targets.dtype, np.integer):
+            raise ValueError(f'CrossEntropy: targets must be integers of shape ({logits.shape[0]},) '
+                             f'for logits {logits.shape}, got {targets.dtype} {targets.shape}')
+        if targets.size and (targets.min() < 0 or targets.max() >= logits.shape[1]):
+            raise ValueError(f'CrossEntropy: targets must lie in [0, {logits.shape[1]}), '
+                             f'got values from {targets.min()} to {targets.max()}')
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        logits = np.ascontiguousarray(_floating(logits))
+        total, probs = kernels.cross_entropy_forward(logits, targets)
+        scale = 1.0 / max(logits.shape[0], 1) if reduction == 'mean' else 1.0
+        context.update(probs=probs, targets=targets, scale=scale)
+        return np.asarray(total * scale, dtype=logits.dtype)
+
+    @staticmethod
+    def backward(context, go):
+        return kernels.cross_entropy_backward(context['probs'], context['targets'], float(go) * context['scale'])

@@ -1,0 +1,111 @@
+"""Optimizers with torch.optim's update rules; each update is one in-place numba kernel per parameter."""
+import numpy as np
+
+import kernels
+
+
+class Optimizer:
+    hyperparameters = ()
+
+    def __init__(self, params):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f'{type(self).__name__}: got an empty parameter list')
+        for i, p in enumerate(self.params):
+            if not np.issubdtype(p.dtype, np.floating):
+                raise ValueError(f'{type(self).__name__}: parameter {i} has dtype {p.dtype}, not floating point')
+
+    def zero_grad(self):
+        """Drops the gradients (they read as zeros until the next backward), as torch's set_to_none."""
+        for p in self.params:
+            p.grad = None
+
+    def _flat(self, p, i):
+        """The parameter's value and gradient as flat views, for the kernels (which update in place)."""
+        if not p.value.flags.c_contiguous or not p.value.flags.writeable:
+            raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable C-contiguous array')
+        g = np.ascontiguousarray(p._grad, dtype=p.dtype)
+        return p.value.reshape(-1), g.reshape(-1)
+
+    def step(self):
+        for i, p in enumerate(self.params):
+            if p._grad is not None:  # a parameter no backward reached is left alone, as in torch
+                value, grad = self._flat(p, i)
+                self._update(i, value, grad)
+
+    def _buffer(self, name, i):
+        """Per-parameter state (a flat array like the parameter), made at first use."""
+        key = f'{name}.{i}'
+        if key not in self.state:
+            self.state[key] = np.zeros(self.params[i].value.size, dtype=self.params[i].dtype)
+        return self.state[key]
+
+    def state_dict(self):
+        """A flat dict of arrays and numbers (savable with np.savez, no pickle)."""
+        state = {name: np.asarray(getattr(self, name)) for name in self.hyperparameters}
+        state.update({key: buf.copy() for key, buf in self.state.items()})
+        return state
+
+    def load_state_dict(self, state):
+        for name in self.hyperparameters:
+            value = np.asarray(state[name])
+            setattr(self, name, tuple(value.tolist()) if value.ndim else value.item())
+        loaded = {}
+        for key, buf in state.items():
+            if key in self.hyperparameters:
+                continue
+            expected = self._state_shape(key)
+            if np.shape(buf) != expected:
+                raise ValueError(f'{type(self).__name__}.load_state_dict: {key} has shape {np.shape(buf)}, '
+                                 f'the parameters need {expected}')
+            loaded[key] = np.array(buf, dtype=self._state_dtype(key))
+        self.state = loaded
+
+    def _state_shape(self, key):
+        name, _, index = key.rpartition('.')
+        if not name or not index.isdigit() or int(index) >= len(self.params):
+            raise ValueError(f'{type(self).__name__}.load_state_dict: unexpected entry {key!r}')
+        return (self.params[int(index)].value.size,)
+
+    def _state_dtype(self, key):
+        return self.params[int(key.rpartition('.')[2])].dtype
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD: d = g + wd p; buf = momentum buf + d; d = d + momentum buf (nesterov) or buf; p -= lr d."""
+    hyperparameters = ('lr', 'momentum', 'nesterov', 'weight_decay')
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params)
+        if nesterov and momentum <= 0:
+            raise ValueError('SGD: nesterov momentum needs momentum > 0')
+        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
+        self.state = {}
+
+    def _update(self, i, value, grad):
+        buf = self._buffer('momentum_buffer', i) if self.momentum else value[:0]
+        kernels.sgd_step(value, grad, buf, float(self.lr), float(self.momentum), float(self.weight_decay),
+                         bool(self.nesterov))
+
+
+class Adam(Optimizer):
+    """torch.optim.Adam (L2 weight decay added to the gradient), bias-corrected moments."""
+    hyperparameters = ('lr', 'betas', 'eps', 'weight_decay')
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params)
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.state = {}
+
+    def _update(self, i, value, grad):
+        steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
+        steps[i] += 1
+        kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
+                          float(self.lr), float(self.betas[0]), float(self.betas[1]), float(self.eps),
+                          float(self.weight_decay), float(steps[i]))
+
+    def _state_shape(self, key):
+        return (len(self.params),) if key == 'step' else super()._state_shape(key)
+
+    def _state_dtype(self, key):
+        return np.int64 if key == 'step' else super()._state_dtype(key)

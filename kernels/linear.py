@@ -1,0 +1,54 @@
+"""Dense layers: y = act(x @ w.T + b) with w stored (out, in) as in vugrad and PyTorch.
+
+Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS), evaluation included:
+mixing it with numpy's own BLAS in one loop makes the two thread pools fight (see DESIGN.md).
+"""
+import numpy as np
+from numba import njit
+
+from .activations import IDENTITY, act, act_derivative
+
+
+@njit(cache=True)
+def matmul(a, b):
+    """a @ b for two C-contiguous 2-D arrays of one dtype."""
+    return a @ b
+
+
+@njit(cache=True)
+def linear_forward(x, w, b, code):
+    """x (n, in), w (out, in), b (out,) -> act(x @ w.T + b), shape (n, out)."""
+    y = x @ w.T
+    n, m = y.shape
+    for i in range(n):
+        for j in range(m):
+            y[i, j] = act(y[i, j] + b[j], code)
+    return y
+
+
+@njit(cache=True)
+def linear_backward(x, w, y, g, code, need_gx):
+    """From g = dL/dy: returns (gx or an empty array, gw (out, in), gb (out,)).
+
+    The activation derivative is taken from the saved output y and fused with the bias sum.
+    """
+    n, m = g.shape
+    gb = np.zeros(m, dtype=np.float64)
+    if code == IDENTITY:
+        gz = g
+        for i in range(n):
+            for j in range(m):
+                gb[j] += g[i, j]
+    else:
+        gz = np.empty_like(g)
+        for i in range(n):
+            for j in range(m):
+                v = g[i, j] * act_derivative(y[i, j], code)
+                gz[i, j] = v
+                gb[j] += v
+    gw = gz.T @ x
+    if need_gx:
+        gx = gz @ w
+    else:
+        gx = np.empty((0, 0), dtype=g.dtype)
+    return gx, gw, gb.astype(g.dtype)

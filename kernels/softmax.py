@@ -1,0 +1,79 @@
+"""Row-wise softmax, log-softmax and fused softmax-cross-entropy on 2-D arrays (n, classes).
+
+Every row is shifted by its maximum before exp; sums are accumulated in float64.
+"""
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def log_softmax(x):
+    """log softmax of each row of x, in x's dtype."""
+    n, c = x.shape
+    out = np.empty_like(x)
+    for i in range(n):
+        mx = x[i, 0]
+        for j in range(1, c):
+            if x[i, j] > mx:
+                mx = x[i, j]
+        s = 0.0
+        for j in range(c):
+            s += np.exp(np.float64(x[i, j]) - mx)
+        lse = mx + np.log(s)
+        for j in range(c):
+            out[i, j] = x[i, j] - lse
+    return out
+
+
+@njit(cache=True)
+def softmax(x):
+    """softmax of each row of x, in x's dtype."""
+    return np.exp(log_softmax(x))
+
+
+@njit(cache=True)
+def log_softmax_backward(logp, g):
+    """dL/dx = g - softmax(x) * rowsum(g), from the saved log-probabilities."""
+    n, c = g.shape
+    gx = np.empty_like(g)
+    for i in range(n):
+        s = 0.0
+        for j in range(c):
+            s += g[i, j]
+        for j in range(c):
+            gx[i, j] = g[i, j] - np.exp(logp[i, j]) * s
+    return gx
+
+
+@njit(cache=True)
+def cross_entropy_forward(logits, targets):
+    """Summed negative log-likelihood of targets under softmax(logits), as float64, and the probabilities."""
+    n, c = logits.shape
+    probs = np.empty_like(logits)
+    total = 0.0
+    for i in range(n):
+        mx = logits[i, 0]
+        for j in range(1, c):
+            if logits[i, j] > mx:
+                mx = logits[i, j]
+        s = 0.0
+        for j in range(c):
+            e = np.exp(np.float64(logits[i, j]) - mx)
+            probs[i, j] = e
+            s += e
+        for j in range(c):
+            probs[i, j] = probs[i, j] / s
+        total += mx + np.log(s) - logits[i, targets[i]]
+    return total, probs
+
+
+@njit(cache=True)
+def cross_entropy_backward(probs, targets, scale):
+    """(probs - onehot(targets)) * scale: the gradient of the loss over the logits."""
+    n, c = probs.shape
+    g = np.empty_like(probs)
+    for i in range(n):
+        for j in range(c):
+            g[i, j] = probs[i, j] * scale
+        g[i, targets[i]] -= scale
+    return g

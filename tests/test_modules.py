@@ -1,0 +1,108 @@
+"""Modules find their parameters; state dicts, saving, optimizers' state."""
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import TensorNode
+
+
+def test_mlp_parameters_in_layer_order():
+    mlp = fg.MLP(4, 3, hidden=[5, 6], rng=0)
+    shapes = [p.shape for p in mlp.parameters()]
+    assert shapes == [(5, 4), (1, 5), (6, 5), (1, 6), (3, 6), (1, 3)]
+    names = [n for n, _ in mlp.named_parameters()]
+    assert names == ['layers.0.w', 'layers.0.b', 'layers.1.w', 'layers.1.b', 'layers.2.w', 'layers.2.b']
+    assert all(p.dtype == np.float32 for p in mlp.parameters())
+    assert fg.MLP(2, 2, hidden_mult=4).layers[0].w.shape == (8, 2)
+    assert fg.MLP(2, 2, hidden=3, dtype=np.float64).layers[0].w.dtype == np.float64
+
+
+def test_seeded_initialisation_is_reproducible():
+    a, b = fg.MLP(4, 3, rng=5), fg.MLP(4, 3, rng=5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    assert not np.array_equal(fg.MLP(4, 3, rng=6).layers[0].w.value, a.layers[0].w.value)
+
+
+def test_custom_module_finds_nodes_modules_and_lists():
+    class Net(fg.Module):
+        def __init__(self):
+            self.scale = TensorNode(np.ones(1))
+            self.data = TensorNode(np.ones(2), requires_grad=False)  # not a parameter
+            self.blocks = [fg.Linear(2, 2, rng=0), fg.Linear(2, 1, rng=1)]
+            self.head = fg.Sequential(fg.Linear(1, 1, rng=2), fg.relu)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x) * self.scale
+
+    net = Net()
+    assert [n for n, _ in net.named_parameters()] == [
+        'scale', 'blocks.0.w', 'blocks.0.b', 'blocks.1.w', 'blocks.1.b', 'head.modules.0.w', 'head.modules.0.b']
+    out = net(TensorNode(np.ones((3, 2), dtype=np.float32)))
+    assert out.shape == (3, 1)
+
+
+def test_state_dict_save_and_load(tmp_path):
+    a, b = fg.MLP(4, 3, rng=1), fg.MLP(4, 3, rng=2)
+    path = tmp_path / 'model.npz'
+    a.save(path)
+    w_before = b.layers[0].w.value
+    b.load(path)
+    assert b.layers[0].w.value is w_before  # loaded in place
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    assert [f.name for f in tmp_path.iterdir()] == ['model.npz']
+
+
+def test_load_state_dict_errors(tmp_path):
+    mlp = fg.MLP(4, 3, rng=1)
+    state = mlp.state_dict()
+    state['layers.0.w'] = np.zeros((2, 2))
+    with pytest.raises(ValueError, match=r'layers.0.w has shape \(2, 2\)'):
+        mlp.load_state_dict(state)
+    with pytest.raises(KeyError, match='missing'):
+        mlp.load_state_dict({})
+    bad = tmp_path / 'bad.npz'
+    bad.write_bytes(b'not a zip file')
+    with pytest.raises(ValueError, match='bad.npz'):
+        mlp.load(bad)
+    with pytest.raises(ValueError, match='MLP: activation must be one of'):
+        fg.MLP(2, 2, activation='swish')
+
+
+@pytest.mark.parametrize('make', [lambda p: fg.SGD(p, lr=0.1, momentum=0.9), lambda p: fg.Adam(p, lr=0.01)])
+def test_optimizer_state_dict_round_trip(make, tmp_path):
+    def train(mlp, opt, steps, rng):
+        for _ in range(steps):
+            x = TensorNode(rng.standard_normal((8, 3)).astype(np.float32), requires_grad=False)
+            opt.zero_grad()
+            fg.cross_entropy(mlp(x), rng.integers(0, 2, 8)).backward()
+            opt.step()
+
+    mlp = fg.MLP(3, 2, hidden=4, rng=0)
+    opt = make(mlp.parameters())
+    train(mlp, opt, 3, np.random.default_rng(0))
+    fg.modules.save_npz(tmp_path / 'opt.npz', opt.state_dict())
+    mlp.save(tmp_path / 'mlp.npz')
+    train(mlp, opt, 2, np.random.default_rng(1))
+
+    mlp2 = fg.MLP(3, 2, hidden=4, rng=9)
+    mlp2.load(tmp_path / 'mlp.npz')
+    opt2 = make(mlp2.parameters())
+    opt2.load_state_dict(fg.modules.load_npz(tmp_path / 'opt.npz'))
+    train(mlp2, opt2, 2, np.random.default_rng(1))
+    for p, q in zip(mlp.parameters(), mlp2.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+
+
+def test_optimizer_skips_parameters_without_gradient():
+    a, b = TensorNode(np.ones(2)), TensorNode(np.ones(2))
+    opt = fg.SGD([a, b], lr=0.5)
+    (a * 2.0).sum().backward()
+    opt.step()
+    np.testing.assert_array_equal(a.value, [0.0, 0.0])
+    np.testing.assert_array_equal(b.value, [1.0, 1.0])
+    opt.zero_grad()
+    assert not a.grad.any()

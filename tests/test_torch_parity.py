@@ -1,0 +1,78 @@
+"""Losses, gradients and optimizer trajectories equal PyTorch's (skipped where torch is absent)."""
+import numpy as np
+import pytest
+
+import fastgrad as fg
+
+torch = pytest.importorskip('torch')
+torch.set_default_dtype(torch.float64)
+
+
+def torch_mlp(mlp, activation):
+    layers = []
+    for k, layer in enumerate(mlp.layers):
+        lin = torch.nn.Linear(layer.w.shape[1], layer.w.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(layer.w.value))
+            lin.bias.copy_(torch.from_numpy(layer.b.value.reshape(-1)))
+        layers.append(lin)
+        if k < len(mlp.layers) - 1:
+            layers.append({'relu': torch.nn.ReLU, 'sigmoid': torch.nn.Sigmoid, 'tanh': torch.nn.Tanh}[activation]())
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize('activation', ['sigmoid', 'relu', 'tanh'])
+@pytest.mark.parametrize('reduction', ['mean', 'sum'])
+def test_mlp_loss_and_gradients_equal_torch(activation, reduction, rng):
+    mlp = fg.MLP(7, 4, hidden=[9, 5], activation=activation, dtype=np.float64, rng=3)
+    net = torch_mlp(mlp, activation)
+    x = rng.standard_normal((11, 7))
+    y = rng.integers(0, 4, 11)
+    loss = fg.cross_entropy(mlp(fg.TensorNode(x, requires_grad=False)), y, reduction=reduction)
+    loss.backward()
+    tloss = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y), reduction=reduction)
+    tloss.backward()
+    assert abs(loss.value - tloss.item()) < 1e-8
+    tparams = [p for m in net if isinstance(m, torch.nn.Linear) for p in (m.weight, m.bias)]
+    for p, tp in zip(mlp.parameters(), tparams):
+        np.testing.assert_allclose(p.grad.reshape(tp.shape), tp.grad.numpy(), atol=1e-8, rtol=0)
+
+
+def test_functions_equal_torch(rng):
+    x = rng.standard_normal((6, 5)) * 30
+    xt = torch.from_numpy(x)
+    node = fg.TensorNode(x)
+    np.testing.assert_allclose(fg.softmax(node).value, torch.softmax(xt, -1).numpy(), atol=1e-12)
+    np.testing.assert_allclose(fg.logsoftmax(node).value, torch.log_softmax(xt, -1).numpy(), atol=1e-10)
+    np.testing.assert_allclose(fg.sigmoid(node).value, torch.sigmoid(xt).numpy(), atol=1e-12)
+    np.testing.assert_allclose(fg.tanh(node).value, torch.tanh(xt).numpy(), atol=1e-12)
+    np.testing.assert_allclose(fg.relu(node).value, torch.relu(xt).numpy())
+
+
+def run_trajectory(make_fg, make_torch, steps=5):
+    rng = np.random.default_rng(7)
+    w0, x = rng.standard_normal((3, 4)), rng.standard_normal((5, 4))
+    w = fg.TensorNode(w0.copy())
+    opt = make_fg([w])
+    wt = torch.tensor(w0.copy(), requires_grad=True)
+    topt = make_torch([wt])
+    for _ in range(steps):
+        opt.zero_grad()
+        (fg.tanh(fg.TensorNode(x, requires_grad=False) @ w.T) * fg.TensorNode(x[:, :3], requires_grad=False)).sum().backward()
+        opt.step()
+        topt.zero_grad()
+        (torch.tanh(torch.from_numpy(x) @ wt.T) * torch.from_numpy(x[:, :3])).sum().backward()
+        topt.step()
+        np.testing.assert_allclose(w.value, wt.detach().numpy(), atol=1e-10, rtol=0)
+    return opt
+
+
+@pytest.mark.parametrize('kwargs', [dict(lr=0.1), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.8, nesterov=True),
+                                    dict(lr=0.05, momentum=0.5, weight_decay=0.01)])
+def test_sgd_matches_torch(kwargs):
+    run_trajectory(lambda p: fg.SGD(p, **kwargs), lambda p: torch.optim.SGD(p, **kwargs))
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6), dict(lr=0.02, weight_decay=0.1)])
+def test_adam_matches_torch(kwargs):
+    run_trajectory(lambda p: fg.Adam(p, **kwargs), lambda p: torch.optim.Adam(p, **kwargs))
