@@ -7,5 +7,6 @@ from .functions import sigmoid, relu, tanh, softmax, logsoftmax, celoss, logcelo
 from .modules import Module, Linear, MLP, Sequential
 from .optim import SGD, Adam
 from .gradcheck import gradcheck, GradcheckError
+from .warmup import warmup
 
 __version__ = '0.1.0'

@@ -29,8 +29,12 @@ def is_grad_enabled():
     return _grad_enabled
 
 
+_FLOAT64 = np.dtype(np.float64)
+
+
 def _grad_dtype(value):
-    return value.dtype if np.issubdtype(value.dtype, np.floating) else np.dtype(np.float64)
+    """Gradients are floating point: a node's own dtype if it is a float, float64 otherwise."""
+    return value.dtype if value.dtype.kind == 'f' else _FLOAT64
 
 
 class TensorNode:
@@ -241,11 +245,11 @@ class Op:
             if not isinstance(node, TensorNode):
                 raise TypeError(f'{cls.__name__}: input {i} is a {type(node).__name__}, not a TensorNode '
                                 f'(wrap arrays in TensorNode, or pass constants as keyword arguments)')
-        needs = tuple(node.requires_grad for node in inputs) if _grad_enabled else (False,) * len(inputs)
+        needs = tuple([_grad_enabled and node.requires_grad for node in inputs])
         context = {'needs_input_grad': needs}
         raw = cls.forward(context, *[node.value for node in inputs], **constants)
-        raw = raw if isinstance(raw, tuple) else (raw,)
-        tracked = any(needs)
+        raw = raw if type(raw) is tuple else (raw,)
+        tracked = True in needs
         opnode = OpNode(cls, context, list(inputs)) if tracked else None
         outputs = [TensorNode(value, source=opnode, requires_grad=tracked) for value in raw]
         if tracked:
@@ -325,10 +329,11 @@ def backward(root):
         for i, (node, g) in enumerate(zip(opnode.inputs, ginputs)):
             if g is None or not node.requires_grad:
                 continue
-            g = _reduce_to_shape(opnode.op, i, g, node.shape)
-            dtype = _grad_dtype(node.value)
-            if g.dtype != dtype:
-                g = g.astype(dtype)
+            value = node.value
+            if getattr(g, 'shape', None) != value.shape:
+                g = _reduce_to_shape(opnode.op, i, g, value.shape)
+            if g.dtype != value.dtype:
+                g = g.astype(_grad_dtype(value))
             key = id(node)
             # never add in place here: g may be shared with another input or with the op's context
             pending[key] = g if key not in pending else pending[key] + g

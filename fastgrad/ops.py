@@ -14,7 +14,7 @@ from .core import Op
 # -- helpers shared by the ops
 def _floating(x):
     """x as a floating array: integer inputs compute in float64, float32 stays float32."""
-    return x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+    return x if x.dtype.kind == 'f' else x.astype(np.float64)
 
 
 def _check_broadcast(op, a, b):
@@ -388,15 +388,15 @@ class CrossEntropy(Op):
         _check_ndim('CrossEntropy', 'logits', logits, 2)
         if reduction not in ('mean', 'sum'):
             raise ValueError(f"CrossEntropy: reduction must be 'mean' or 'sum', not {reduction!r}")
-        if targets.shape != (logits.shape[0],) or not np.issubdtype(targets.dtype, np.integer):
+        if targets.shape != (logits.shape[0],) or targets.dtype.kind not in 'iu':
             raise ValueError(f'CrossEntropy: targets must be integers of shape ({logits.shape[0]},) '
                              f'for logits {logits.shape}, got {targets.dtype} {targets.shape}')
-        if targets.size and (targets.min() < 0 or targets.max() >= logits.shape[1]):
-            raise ValueError(f'CrossEntropy: targets must lie in [0, {logits.shape[1]}), '
-                             f'got values from {targets.min()} to {targets.max()}')
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         logits = np.ascontiguousarray(_floating(logits))
-        total, probs = kernels.cross_entropy_forward(logits, targets)
+        total, probs, bad = kernels.cross_entropy_forward(logits, targets)
+        if bad >= 0:
+            raise ValueError(f'CrossEntropy: targets must lie in [0, {logits.shape[1]}), '
+                             f'got {targets[bad]} at position {bad}')
         scale = 1.0 / max(logits.shape[0], 1) if reduction == 'mean' else 1.0
         context.update(probs=probs, targets=targets, scale=scale)
         return np.asarray(total * scale, dtype=logits.dtype)

@@ -84,7 +84,8 @@ class SGD(Optimizer):
 
     def _update(self, i, value, grad):
         buf = self._buffer('momentum_buffer', i) if self.momentum else value[:0]
-        kernels.sgd_step(value, grad, buf, float(self.lr), float(self.momentum), float(self.weight_decay),
+        scalar = value.dtype.type
+        kernels.sgd_step(value, grad, buf, scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay),
                          bool(self.nesterov))
 
 
@@ -100,9 +101,10 @@ class Adam(Optimizer):
     def _update(self, i, value, grad):
         steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
         steps[i] += 1
+        scalar = value.dtype.type
         kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
-                          float(self.lr), float(self.betas[0]), float(self.betas[1]), float(self.eps),
-                          float(self.weight_decay), float(steps[i]))
+                          scalar(self.lr), scalar(self.betas[0]), scalar(self.betas[1]), scalar(self.eps),
+                          scalar(self.weight_decay), scalar(steps[i]))
 
     def _state_shape(self, key):
         return (len(self.params),) if key == 'step' else super()._state_shape(key)

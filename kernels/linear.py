@@ -33,7 +33,7 @@ def linear_backward(x, w, y, g, code, need_gx):
     The activation derivative is taken from the saved output y and fused with the bias sum.
     """
     n, m = g.shape
-    gb = np.zeros(m, dtype=np.float64)
+    gb = np.zeros(m)  # float64 accumulator
     if code == IDENTITY:
         gz = g
         for i in range(n):
@@ -47,8 +47,7 @@ def linear_backward(x, w, y, g, code, need_gx):
                 gz[i, j] = v
                 gb[j] += v
     gw = gz.T @ x
-    if need_gx:
-        gx = gz @ w
-    else:
-        gx = np.empty((0, 0), dtype=g.dtype)
-    return gx, gw, gb.astype(g.dtype)
+    gx = gz @ w if need_gx else g[:0, :0].copy()
+    gb_out = np.empty_like(g[0])
+    gb_out[:] = gb
+    return gx, gw, gb_out

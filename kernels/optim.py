@@ -1,4 +1,8 @@
-"""In-place optimizer updates on flattened (1-D, contiguous) parameter views: torch.optim's rules."""
+"""In-place optimizer updates on flattened (1-D, contiguous) parameter views: torch.optim's rules.
+
+Hyperparameters arrive as scalars of the parameter's dtype, so a float32 update stays in float32 and the
+loops vectorise; the branches sit outside the loops for the same reason.
+"""
 import numpy as np
 from numba import njit
 
@@ -6,15 +10,19 @@ from numba import njit
 @njit(cache=True)
 def sgd_step(p, g, buf, lr, momentum, weight_decay, nesterov):
     """SGD with weight decay and (Nesterov) momentum; buf starts at zeros, so buf = g on the first step."""
-    for i in range(p.shape[0]):
-        d = g[i] + weight_decay * p[i]
-        if momentum != 0:
+    n = p.shape[0]
+    if momentum == 0:
+        for i in range(n):
+            p[i] -= lr * (g[i] + weight_decay * p[i])
+    elif nesterov:
+        for i in range(n):
+            d = g[i] + weight_decay * p[i]
             buf[i] = momentum * buf[i] + d
-            if nesterov:
-                d = d + momentum * buf[i]
-            else:
-                d = buf[i]
-        p[i] -= lr * d
+            p[i] -= lr * (d + momentum * buf[i])
+    else:
+        for i in range(n):
+            buf[i] = momentum * buf[i] + g[i] + weight_decay * p[i]
+            p[i] -= lr * buf[i]
 
 
 @njit(cache=True)

@@ -47,10 +47,14 @@ def log_softmax_backward(logp, g):
 
 @njit(cache=True)
 def cross_entropy_forward(logits, targets):
-    """Summed negative log-likelihood of targets under softmax(logits), as float64, and the probabilities."""
+    """Summed negative log-likelihood of targets under softmax(logits) (float64), the probabilities, and
+    the position of the first target outside [0, classes) (-1 if none; nothing is computed then)."""
     n, c = logits.shape
     probs = np.empty_like(logits)
     total = 0.0
+    for i in range(n):
+        if targets[i] < 0 or targets[i] >= c:
+            return total, probs, i
     for i in range(n):
         mx = logits[i, 0]
         for j in range(1, c):
@@ -64,7 +68,7 @@ def cross_entropy_forward(logits, targets):
         for j in range(c):
             probs[i, j] = probs[i, j] / s
         total += mx + np.log(s) - logits[i, targets[i]]
-    return total, probs
+    return total, probs, -1
 
 
 @njit(cache=True)

@@ -1,0 +1,254 @@
+"""Epoch time of fastgrad against PyTorch CPU and a hand-written numpy loop, each in its own process.
+
+    python asv_benchmarks/compare_frameworks.py                 # workloads A and B, 3 repeats
+    python asv_benchmarks/compare_frameworks.py --repeats 5 --scaling --memory
+
+Workload A: MNIST-shaped MLP 784-300-10 relu, batch 128, SGD momentum 0.9, lr 0.01, float32, one epoch over
+50,000 images (the real MNIST when `fastgrad.load_mnist` finds it, seeded random pixels otherwise: the
+timing of dense float32 maths does not depend on the pixel values). Workload B: vugrad's synth task,
+2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run;
+the table gives medians and ratios (fastgrad / other; below 1 means fastgrad is faster). PyTorch is
+skipped when it is not installed.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+FLOPS_PER_IMAGE = None  # set by mlp_flops for the workload's sizes
+
+
+def mlp_flops(sizes):
+    """Multiply-adds x2 per image for one training step: forward, weight gradients, input gradients
+    of every layer but the first."""
+    fwd = sum(2 * i * o for i, o in zip(sizes[:-1], sizes[1:]))
+    grad_w = fwd
+    grad_x = sum(2 * i * o for i, o in zip(sizes[1:-1], sizes[2:]))
+    return fwd + grad_w + grad_x
+
+
+def workload_data(name, seed=0):
+    rng = np.random.default_rng(seed)
+    if name == 'A':
+        try:
+            import fastgrad
+            (x, y), _, _ = fastgrad.load_mnist()
+            return x[:50_000], y[:50_000], 'MNIST'
+        except Exception:  # no loader or no data here: same shapes, random pixels
+            x = rng.random((50_000, 784), dtype=np.float32)
+            return x, rng.integers(0, 10, 50_000), 'random pixels'
+    x = rng.standard_normal((60_000, 2)).astype(np.float32)
+    q = np.einsum('bf, fk, bk -> b', x, np.array([[1, 0.5], [1, 0.2]], dtype=np.float32), x)
+    return x, (q > 0.6).astype(np.int64), 'synth'
+
+
+# -- one epoch per framework: same data order, same maths
+def fastgrad_trainer(sizes, lr, momentum):
+    import fastgrad as fg
+    model = fg.MLP(sizes[0], sizes[-1], hidden=sizes[1:-1], activation='relu', rng=0)
+    opt = fg.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def step(xb, yb):
+        opt.zero_grad()
+        loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
+        loss.backward()
+        opt.step()
+        return loss.value
+    return step
+
+
+def numpy_trainer(sizes, lr, momentum):
+    """A plain float32 numpy loop: no graph, the same maths as fastgrad's fused kernels."""
+    rng = np.random.default_rng(0)
+    ws = [(rng.standard_normal((i, o)) * np.sqrt(2 / i)).astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
+    bs = [np.zeros(o, np.float32) for o in sizes[1:]]
+    params = ws + bs
+    bufs = [np.zeros_like(p) for p in params]
+    lr, momentum = np.float32(lr), np.float32(momentum)
+
+    def step(xb, yb):
+        acts = [xb]
+        for k, (w, b) in enumerate(zip(ws, bs)):
+            z = acts[-1] @ w + b
+            acts.append(np.maximum(z, 0, out=z) if k < len(ws) - 1 else z)
+        logits = acts[-1]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        s = e.sum(axis=1, keepdims=True)
+        n = len(yb)
+        loss = (np.log(s[:, 0]) - shifted[np.arange(n), yb]).mean()
+        g = e / s
+        g[np.arange(n), yb] -= 1
+        g /= n
+        gws, gbs = [None] * len(ws), [None] * len(ws)
+        for k in range(len(ws) - 1, -1, -1):
+            gws[k] = acts[k].T @ g
+            gbs[k] = g.sum(axis=0)
+            if k:
+                g = (g @ ws[k].T) * (acts[k] > 0)
+        for p, gp, buf in zip(params, gws + gbs, bufs):
+            buf *= momentum
+            buf += gp
+            p -= lr * buf
+        return loss
+    return step
+
+
+def torch_trainer(sizes, lr, momentum):
+    import torch
+    torch.manual_seed(0)
+    layers = []
+    for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(i, o))
+        if k < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def step(xb, yb):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+TRAINERS = {'fastgrad': fastgrad_trainer, 'numpy': numpy_trainer, 'torch': torch_trainer}
+
+
+def run_child(args):
+    x, y, source = workload_data(args.workload)
+    sizes = [x.shape[1]] + args.hidden + [int(y.max()) + 1]
+    step = TRAINERS[args.child](sizes, lr=0.01, momentum=0.9)
+    order = np.random.default_rng(1).permutation(len(x))
+    for fr in range(0, 20 * args.batch, args.batch):  # warm up: compile kernels, fault in buffers
+        idx = order[fr:fr + args.batch]
+        step(x[idx], y[idx])
+    rss = []
+    times = []
+    for _ in range(args.epochs):
+        start = time.perf_counter()
+        for fr in range(0, len(x), args.batch):
+            idx = order[fr:fr + args.batch]
+            loss = step(x[idx], y[idx])
+        times.append(time.perf_counter() - start)
+        rss.append(peak_rss_mb())
+    print(json.dumps({'seconds': times, 'loss': float(loss), 'peak_rss_mb': rss, 'data': source,
+                      'sizes': sizes}))
+
+
+def peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(framework, workload, hidden, batch, epochs=1):
+    cmd = [sys.executable, __file__, '--child', framework, '--workload', workload, '--batch', str(batch),
+           '--epochs', str(epochs), '--hidden', *map(str, hidden)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f'{framework} failed:\n{out.stderr}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def frameworks():
+    names = ['fastgrad', 'numpy']
+    try:
+        import torch  # noqa: F401
+        names.append('torch')
+    except ImportError:
+        print('PyTorch not installed: its column is skipped')
+    return names
+
+
+def compare(workload, hidden, batch, repeats, names):
+    runs = {name: [] for name in names}
+    for _ in range(repeats):  # alternate, so drift on a shared machine hits every framework alike
+        for name in names:
+            result = child(name, workload, hidden, batch)
+            runs[name].append(result['seconds'][0])
+    medians = {name: float(np.median(times)) for name, times in runs.items()}
+    return medians, runs, result['data']
+
+
+def sgemm_peak():
+    """Best float32 GFLOP/s of a 2048^3 product through numba's BLAS (the one fastgrad uses)."""
+    import kernels
+    a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
+    kernels.matmul(a, a)
+    best = min(timed(lambda: kernels.matmul(a, a)) for _ in range(5))
+    return 2 * 2048 ** 3 / best / 1e9
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def row(label, medians, names):
+    cells = [f'{medians[n]:.3f}' for n in names]
+    ratios = [f'{medians["fastgrad"] / medians[n]:.2f}x' for n in names if n != 'fastgrad']
+    return f'| {label} | ' + ' | '.join(cells + ratios) + ' |'
+
+
+def header(names):
+    others = [n for n in names if n != 'fastgrad']
+    cols = [f'{n} s' for n in names] + [f'fastgrad/{n}' for n in others]
+    return '| workload | ' + ' | '.join(cols) + ' |\n|' + '---|' * (len(cols) + 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--child', choices=sorted(TRAINERS), help=argparse.SUPPRESS)
+    parser.add_argument('--workload', choices=['A', 'B', 'all'], default='all')
+    parser.add_argument('--hidden', type=int, nargs='+', default=None)
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--epochs', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--scaling', action='store_true', help='also time hidden 300/1024/3136/4096 and batch 32/128/512')
+    parser.add_argument('--memory', action='store_true', help='also track fastgrad peak RSS over 20 epochs')
+    args = parser.parse_args()
+    if args.child:
+        args.hidden = args.hidden or ([300] if args.workload == 'A' else [8])
+        return run_child(args)
+
+    names = frameworks()
+    print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
+          f'python {platform.python_version()}, numpy {np.__version__}')
+    print(f'float32 sgemm peak (numba BLAS, 2048^3): {sgemm_peak():.1f} GFLOP/s\n')
+    print(header(names))
+    if args.workload in ('A', 'all'):
+        medians, _, source = compare('A', [300], 128, args.repeats, names)
+        print(row(f'A: MLP 784-300-10, batch 128, 50k ({source})', medians, names))
+        gflops = mlp_flops([784, 300, 10]) * 50_000 / medians['fastgrad'] / 1e9
+    if args.workload in ('B', 'all'):
+        medians, _, _ = compare('B', [8], 128, args.repeats, names)
+        print(row('B: synth 2-8-2, batch 128, 60k', medians, names))
+    if args.workload in ('A', 'all'):
+        print(f'\nA, fastgrad: {mlp_flops([784, 300, 10]) / 1e6:.2f} MFLOP per image per step, '
+              f'{gflops:.1f} GFLOP/s effective')
+    if args.scaling:
+        print('\nScaling (workload A, medians of', args.repeats, 'runs):\n')
+        print(header(names))
+        for hidden in (300, 1024, 3136, 4096):
+            medians, _, _ = compare('A', [hidden], 128, args.repeats, names)
+            print(row(f'hidden {hidden}, batch 128', medians, names))
+        for batch in (32, 512):
+            medians, _, _ = compare('A', [300], batch, args.repeats, names)
+            print(row(f'hidden 300, batch {batch}', medians, names))
+    if args.memory:
+        result = child('fastgrad', 'A', [300], 128, epochs=20)
+        rss = result['peak_rss_mb']
+        print(f'\nfastgrad peak RSS over 20 epochs (MB): epoch 1 {rss[0]:.0f}, epoch 10 {rss[9]:.0f}, '
+              f'epoch 20 {rss[-1]:.0f}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,32 @@
+"""Compile (or load from numba's cache) every kernel for one dtype, before timing or serving anything."""
+import time
+
+import numpy as np
+
+from . import functions as F
+from .core import TensorNode
+from .modules import MLP
+from .ops import BatchMM, MatrixMultiply
+from .optim import SGD, Adam
+
+
+def warmup(dtype=np.float32):
+    """Runs every kernel once on tiny inputs of `dtype`, through the same calls training makes.
+
+    Returns the seconds it took: a cold compile the first time on a machine, a cache load after that.
+    """
+    start = time.perf_counter()
+    dtype = np.dtype(dtype)
+    x = TensorNode(np.linspace(-1, 1, 12, dtype=dtype).reshape(3, 4))
+    targets = np.array([0, 1, 1])
+    model = MLP(4, 2, hidden=5, activation='relu', dtype=dtype, rng=0)
+    losses = [F.cross_entropy(model(x), targets),
+              F.logceloss(F.logsoftmax(x), targets), F.celoss(F.softmax(x), targets),
+              (F.sigmoid(x) + F.relu(x) + F.tanh(x)).sum(),
+              (MatrixMultiply.do_forward(x, x.T) + BatchMM.do_forward(x, x)).sum()]
+    for loss in losses:
+        loss.backward()
+    for optimizer in (SGD(model.parameters(), lr=0.1), SGD(model.parameters(), lr=0.1, momentum=0.9),
+                      SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), Adam(model.parameters())):
+        optimizer.step()
+    return time.perf_counter() - start

@@ -1,0 +1,168 @@
+"""Each kernel against a plain-numpy reference of the same maths, for both dtypes and awkward shapes."""
+import numpy as np
+import pytest
+
+import fastgrad as fg
+import kernels
+
+DTYPES = [np.float32, np.float64]
+SHAPES = [(1, 1), (1, 7), (9, 1), (13, 7), (128, 10), (3, 33)]
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+ACT = {'identity': lambda z: z, 'relu': lambda z: np.maximum(z, 0), 'sigmoid': lambda z: 1 / (1 + np.exp(-z)),
+       'tanh': np.tanh}
+DACT = {'identity': lambda y: np.ones_like(y), 'relu': lambda y: (y > 0).astype(y.dtype),
+        'sigmoid': lambda y: y * (1 - y), 'tanh': lambda y: 1 - y * y}
+
+
+def data(shape, dtype, seed=0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
+
+
+def log_softmax_ref(x):
+    x = x.astype(np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('name', list(ACT))
+def test_linear_forward_backward(dtype, shape, name):
+    n, k = shape
+    m = k + 2
+    x, w, b, g = data((n, k), dtype, 1), data((m, k), dtype, 2), data(m, dtype, 3), data((n, m), dtype, 4)
+    code = kernels.ACTIVATION_CODES[name]
+    y = kernels.linear_forward(x, w, b, code)
+    ref = ACT[name](x.astype(np.float64) @ w.T.astype(np.float64) + b)
+    assert y.dtype == dtype and y.shape == (n, m)
+    np.testing.assert_allclose(y, ref, **TOL[dtype])
+    gx, gw, gb = kernels.linear_backward(x, w, y, g, code, True)
+    gz = g.astype(np.float64) * DACT[name](y.astype(np.float64))
+    for got, want in ((gx, gz @ w), (gw, gz.T @ x), (gb, gz.sum(axis=0))):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, want, **TOL[dtype])
+    gx_skipped, _, _ = kernels.linear_backward(x, w, y, g, code, False)
+    assert gx_skipped.size == 0
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('name', ['relu', 'sigmoid', 'tanh'])
+def test_elementwise_activations(dtype, name):
+    x = np.concatenate([data(37, dtype), np.array([0, 80, -80, 1e4, -1e4], dtype=dtype)])
+    code = kernels.ACTIVATION_CODES[name]
+    with np.errstate(over='ignore'):
+        ref = ACT[name](x.astype(np.float64))
+    y = kernels.activation_forward(x, code)
+    assert y.dtype == dtype and np.isfinite(y).all()
+    np.testing.assert_allclose(y, ref, **TOL[dtype])
+    g = data(x.shape, dtype, 5)
+    np.testing.assert_allclose(kernels.activation_backward(y, g, code), g * DACT[name](y), **TOL[dtype])
+
+
+def test_relu_propagates_nan():
+    y = kernels.activation_forward(np.array([np.nan, -1.0, 2.0]), kernels.RELU)
+    assert np.isnan(y[0]) and y[1] == 0 and y[2] == 2
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('scale', [1.0, 1e4])
+def test_softmax_family(dtype, shape, scale):
+    x = data(shape, dtype, 6, scale)
+    ref = log_softmax_ref(x)
+    tol = dict(TOL[dtype], atol=TOL[dtype]['atol'] * scale)
+    np.testing.assert_allclose(kernels.log_softmax(x), ref, **tol)
+    np.testing.assert_allclose(kernels.softmax(x), np.exp(ref), **TOL[dtype])
+    g = data(shape, dtype, 7)
+    np.testing.assert_allclose(kernels.log_softmax_backward(kernels.log_softmax(x), g),
+                               g - np.exp(ref) * g.sum(axis=1, keepdims=True), **TOL[dtype])
+    targets = np.random.default_rng(8).integers(0, shape[1], shape[0])
+    total, probs, bad = kernels.cross_entropy_forward(x, targets)
+    assert bad == -1 and probs.dtype == dtype and isinstance(total, float)
+    np.testing.assert_allclose(total, -ref[np.arange(shape[0]), targets].sum(), rtol=1e-6 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(probs, np.exp(ref), **TOL[dtype])
+    onehot = np.eye(shape[1])[targets]
+    np.testing.assert_allclose(kernels.cross_entropy_backward(probs, targets, 0.5), (np.exp(ref) - onehot) * 0.5,
+                               **TOL[dtype])
+
+
+def test_cross_entropy_reports_a_bad_target():
+    _, _, bad = kernels.cross_entropy_forward(np.zeros((3, 4)), np.array([0, 4, 1]))
+    assert bad == 1
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('momentum,nesterov,wd', [(0.0, False, 0.0), (0.9, False, 0.01), (0.8, True, 0.1)])
+def test_sgd_step(dtype, momentum, nesterov, wd):
+    p, g, buf = data(29, dtype, 1), data(29, dtype, 2), data(29, dtype, 3)
+    rp, rbuf = p.astype(np.float64), buf.astype(np.float64)
+    d = g + wd * rp
+    if momentum:
+        rbuf = momentum * rbuf + d
+        d = d + momentum * rbuf if nesterov else rbuf
+    rp = rp - 0.1 * d
+    s = np.dtype(dtype).type
+    kernels.sgd_step(p, g, buf if momentum else p[:0], s(0.1), s(momentum), s(wd), nesterov)
+    np.testing.assert_allclose(p, rp, **TOL[dtype])
+    if momentum:
+        np.testing.assert_allclose(buf, rbuf, **TOL[dtype])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_adam_step(dtype):
+    p, g = data(31, dtype, 1), data(31, dtype, 2)
+    m, v = np.abs(data(31, dtype, 3)), np.abs(data(31, dtype, 4))
+    lr, b1, b2, eps, wd, step = 0.01, 0.9, 0.999, 1e-8, 0.1, 3
+    d = g + wd * p.astype(np.float64)
+    rm = b1 * m + (1 - b1) * d
+    rv = b2 * v + (1 - b2) * d * d
+    rp = p - lr / (1 - b1 ** step) * rm / (np.sqrt(rv) / np.sqrt(1 - b2 ** step) + eps)
+    s = np.dtype(dtype).type
+    kernels.adam_step(p, g, m, v, s(lr), s(b1), s(b2), s(eps), s(wd), s(step))
+    for got, want in ((p, rp), (m, rm), (v, rv)):
+        np.testing.assert_allclose(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_ops_accept_non_contiguous_inputs(dtype):
+    """Strided, transposed and Fortran-ordered arrays are made contiguous before a kernel sees them."""
+    big = data((20, 16), dtype, 9)
+    x = big[::2, ::2]                         # strided (10, 8)
+    w = np.asfortranarray(data((5, 8), dtype, 10))
+    b = data((1, 5), dtype, 11)
+    nodes = [fg.TensorNode(a) for a in (x, w, b)]
+    out = fg.LinearOp.do_forward(*nodes, activation='tanh')
+    ref = np.tanh(x.astype(np.float64) @ w.T + b)
+    np.testing.assert_allclose(out.value, ref, **TOL[dtype])
+    out.sum().backward()
+    gz = 1 - ref ** 2
+    np.testing.assert_allclose(nodes[0].grad, gz @ w, **TOL[dtype])
+    np.testing.assert_allclose(nodes[1].grad, gz.T @ x, **TOL[dtype])
+    logits = big[:, ::3].T                    # transposed view (6, 20)
+    t = np.arange(6) % 20
+    loss = fg.cross_entropy(fg.TensorNode(logits), t, reduction='sum')
+    np.testing.assert_allclose(loss.value, -log_softmax_ref(logits)[np.arange(6), t].sum(), rtol=1e-5)
+    np.testing.assert_allclose(fg.softmax(fg.TensorNode(logits)).value, np.exp(log_softmax_ref(logits)), **TOL[dtype])
+    np.testing.assert_allclose(fg.relu(fg.TensorNode(logits)).value, np.maximum(logits, 0))
+    a = fg.TensorNode(big[:, :7].T)           # (7, 20) @ (20, 16)
+    np.testing.assert_allclose((a @ fg.TensorNode(big)).value, big[:, :7].T.astype(np.float64) @ big, **TOL[dtype])
+
+
+def test_gradcheck_through_fused_ops():
+    """The fused Linear and CrossEntropy in an MLP agree with finite differences (gradcheck runs in float64)."""
+    x = data((6, 4), np.float64, 12)
+    t = np.array([0, 1, 2, 0, 1, 2])
+    mlp = fg.MLP(4, 3, hidden=[5], activation='tanh', dtype=np.float64, rng=0)
+    w1, b1, w2, b2 = [p.value for p in mlp.parameters()]
+
+    def loss(xn, w1n, w2n):
+        h = fg.LinearOp.do_forward(xn, w1n, fg.TensorNode(b1), activation='tanh')
+        return fg.cross_entropy(fg.LinearOp.do_forward(h, w2n, fg.TensorNode(b2)), t)
+
+    assert fg.gradcheck(loss, x, w1, w2)
+
+
+def test_warmup_compiles_every_dtype():
+    assert fg.warmup(np.float32) >= 0
+    assert fg.warmup(np.float64) >= 0
