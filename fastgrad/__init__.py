@@ -8,5 +8,6 @@ from .modules import Module, Linear, MLP, Sequential
 from .optim import SGD, Adam
 from .gradcheck import gradcheck, GradcheckError
 from .warmup import warmup
+from .data import load_synth, load_mnist, read_idx, batches
 
 __version__ = '0.1.0'

@@ -1,14 +1,115 @@
-"""The `fastgrad` command."""
+"""The `fastgrad` command: `fastgrad train ...` (and `python -m fastgrad train ...`)."""
 import argparse
+import json
+import os
+import signal
+import sys
 
 from . import __version__
+from .train import TrainConfig, TrainingDiverged, plot_curves, train
+
+
+def add_training_options(parser, epochs=20):
+    """The options every training command shares (vugrad's names where vugrad had them)."""
+    parser.add_argument('-D', '--dataset', choices=['synth', 'mnist'], default='synth')
+    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('-e', '--epochs', type=int, default=epochs)
+    parser.add_argument('-l', '--learning-rate', dest='lr', type=float, default=0.01)
+    parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
+    parser.add_argument('--optimizer', choices=['sgd', 'adam'], default='sgd')
+    parser.add_argument('--hidden', type=int, nargs='+', metavar='N',
+                        help='hidden layer sizes (default: 4 x the input size, as vugrad)')
+    parser.add_argument('--dtype', choices=['float32', 'float64'], default='float32')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--final', action='store_true', help='train on all 60k MNIST images, validate on the test set')
+    parser.add_argument('--data-dir', help='a folder with the four IDX files (e.g. Fashion-MNIST)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar, even on a terminal')
+
+
+def config_from(args, **overrides):
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def positive(parser, args, *names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f'--{name.replace("_", "-")} must be positive')
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog='fastgrad', description='fastgrad: a small, fast autodiff engine.')
     parser.add_argument('--version', action='version', version=f'fastgrad {__version__}')
-    parser.add_subparsers(dest='command', title='commands')
+    commands = parser.add_subparsers(dest='command', title='commands')
+
+    p = commands.add_parser('train', help='train an MLP on synth or MNIST',
+                            description='Train an MLP classifier, printing accuracy and loss per epoch.')
+    add_training_options(p)
+    p.add_argument('--activation', choices=['sigmoid', 'relu', 'tanh'], default='relu')
+    p.add_argument('--log', metavar='FILE', help='write one JSON object per epoch to FILE')
+    p.add_argument('--plot', metavar='FILE.png', help='plot validation accuracy and loss per epoch')
+    p.add_argument('--checkpoint', metavar='DIR', help='save model, optimizer and RNG after every epoch')
+    p.add_argument('--resume', action='store_true', help='continue from the last complete epoch in --checkpoint')
+    p.set_defaults(run=run_train)
     return parser
+
+
+def write_json_lines(path, records):
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        for record in records:
+            f.write(json.dumps(record) + '\n')
+    os.replace(tmp, path)
+
+
+def print_epoch(record):
+    print(f'epoch {record["epoch"]:03}')
+    print(f'       accuracy: {record["val_accuracy"]:.4f}')
+    print(f'   running loss: {record["train_loss"]:.3e}', flush=True)
+
+
+def run_train(parser, args):
+    positive(parser, args, 'batch_size', 'epochs', 'lr')
+    if args.resume and not args.checkpoint:
+        parser.error('--resume needs --checkpoint DIR')
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error('--plot needs matplotlib: pip install "fastgrad[plot]"')
+    config = config_from(args)
+
+    def on_epoch(record, history):
+        print_epoch(record)
+        if args.log:
+            write_json_lines(args.log, history)
+
+    summary = train(config, on_epoch=on_epoch, checkpoint=args.checkpoint, resume=args.resume,
+                    progress=not args.no_progress and sys.stderr.isatty(), should_stop=stop_requested)
+    if args.plot and summary['history']:
+        plot_curves({config.activation: summary['history']}, args.plot,
+                    title=f'{config.dataset}, {config.activation}')
+    if args.log:
+        write_json_lines(args.log, summary['history'])
+    print(f'\nbest accuracy {summary["best_accuracy"]:.4f}, final accuracy {summary["final_accuracy"]:.4f}, '
+          f'{summary["seconds"]:.1f} s training, {summary["samples_per_second"]:,.0f} samples/s')
+    return 0
+
+
+_stop = {'requested': False}
+
+
+def _request_stop(signum, frame):
+    """Ctrl-C or SIGTERM: stop at the end of the current step (an exception raised inside a numba kernel
+    would surface as a SystemError); a second one stops at once."""
+    if _stop['requested']:
+        raise KeyboardInterrupt
+    _stop['requested'] = True
+
+
+def stop_requested():
+    return _stop['requested']
 
 
 def main(argv=None):
@@ -16,4 +117,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-    return 0
+        return 0
+    _stop['requested'] = False
+    previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return args.run(parser, args)
+    except KeyboardInterrupt:
+        where = f'; resume with --resume --checkpoint {args.checkpoint}' if getattr(args, 'checkpoint', None) else ''
+        print(f'\ninterrupted{where}', file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f'fastgrad: {e}', file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f'fastgrad: {e}', file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f'fastgrad: {e}', file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,174 @@
+"""Training an MLP classifier on synth or MNIST: the loop behind `fastgrad train` and the experiments.
+
+Everything random comes from one seed: the initial weights and the order of the batches. With a
+checkpoint folder, the model, the optimizer, the shuffling RNG, the epoch and the log are written
+atomically after every epoch, so a run resumed after epoch k ends exactly as an uninterrupted one.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from . import data as datasets
+from .core import TensorNode, no_grad
+from .functions import cross_entropy
+from .modules import MLP, load_npz, save_npz
+from .optim import SGD, Adam
+
+CHECKPOINT_FILE = 'checkpoint.npz'
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    dataset: str = 'synth'
+    batch_size: int = 128
+    epochs: int = 20
+    lr: float = 0.01
+    momentum: float = 0.9
+    optimizer: str = 'sgd'
+    activation: str = 'relu'
+    hidden: list = None        # None: vugrad's default, 4 x the number of input features
+    dtype: str = 'float32'
+    seed: int = 0
+    final: bool = False
+    data_dir: str = None
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss stopped being a finite number."""
+
+
+def load_data(config):
+    if config.dataset == 'synth':
+        return datasets.load_synth(seed=config.seed, dtype=config.dtype)
+    if config.dataset == 'mnist':
+        return datasets.load_mnist(final=config.final, data_dir=config.data_dir, dtype=config.dtype)
+    raise ValueError(f"dataset must be 'synth' or 'mnist', not {config.dataset!r}")
+
+
+def build(config, num_features, num_classes):
+    """The model, its optimizer and the shuffling RNG, all from config.seed."""
+    init_seed, shuffle_seed = np.random.SeedSequence(config.seed).spawn(2)
+    hidden = config.hidden if config.hidden else [4 * num_features]
+    model = MLP(num_features, num_classes, hidden=list(hidden), activation=config.activation,
+                dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed))
+    if config.optimizer == 'sgd':
+        optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    elif config.optimizer == 'adam':
+        optimizer = Adam(model.parameters(), lr=config.lr)
+    else:
+        raise ValueError(f"optimizer must be 'sgd' or 'adam', not {config.optimizer!r}")
+    return model, optimizer, np.random.default_rng(shuffle_seed)
+
+
+def accuracy(model, x, y, batch_size=2000):
+    """Fraction of rows whose largest logit is the label (in batches, without a graph)."""
+    correct = 0
+    with no_grad():
+        for start in range(0, len(x), batch_size):
+            logits = model(TensorNode(x[start:start + batch_size], requires_grad=False)).value
+            correct += int((logits.argmax(axis=1) == y[start:start + batch_size]).sum())
+    return correct / len(x)
+
+
+def save_checkpoint(folder, config, model, optimizer, rng, history):
+    arrays = {f'model.{k}': v for k, v in model.state_dict().items()}
+    arrays.update({f'optim.{k}': v for k, v in optimizer.state_dict().items()})
+    meta = {'config': dataclasses.asdict(config), 'rng': rng.bit_generator.state, 'history': history}
+    arrays['meta'] = np.array(json.dumps(meta))
+    os.makedirs(folder, exist_ok=True)
+    save_npz(os.path.join(folder, CHECKPOINT_FILE), arrays)
+
+
+def load_checkpoint(folder, config, model, optimizer, rng):
+    """Restores a checkpoint into model, optimizer and rng; returns the history it holds."""
+    path = os.path.join(folder, CHECKPOINT_FILE)
+    arrays = load_npz(path)
+    try:
+        meta = json.loads(str(arrays.pop('meta')))
+    except (KeyError, ValueError):
+        raise ValueError(f'{path}: not a fastgrad training checkpoint (no readable meta entry)') from None
+    saved = dict(meta['config'], epochs=config.epochs)
+    if saved != dict(dataclasses.asdict(config), epochs=config.epochs):
+        changed = sorted(k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v and k != 'epochs')
+        raise ValueError(f'{path}: the checkpoint was made with different settings ({", ".join(changed)}); '
+                         f'resume with the same ones, or use a new --checkpoint folder')
+    model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
+    optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('optim.')})
+    rng.bit_generator.state = meta['rng']
+    return meta['history']
+
+
+def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, data=None, should_stop=None):
+    """Trains config's MLP; calls on_epoch(record, history) after every epoch and returns a summary dict.
+
+    Each record holds epoch, val_accuracy, train_loss (summed over the epoch's instances), seconds
+    and samples_per_second. Raises TrainingDiverged when the loss becomes NaN or infinite, and
+    KeyboardInterrupt between two steps once should_stop() is true.
+    """
+    (xtrain, ytrain), (xval, yval), num_classes = data or load_data(config)
+    model, optimizer, rng = build(config, xtrain.shape[1], num_classes)
+    history = []
+    if resume and checkpoint and os.path.exists(os.path.join(checkpoint, CHECKPOINT_FILE)):
+        history = load_checkpoint(checkpoint, config, model, optimizer, rng)
+    for epoch in range(len(history), config.epochs):
+        start = time.perf_counter()
+        running = 0.0
+        steps = datasets.batches(xtrain, ytrain, config.batch_size, rng=rng)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, total=-(-len(xtrain) // config.batch_size), desc=f'epoch {epoch:03}', leave=False)
+        for xb, yb in steps:
+            optimizer.zero_grad()
+            loss = cross_entropy(model(TensorNode(xb, requires_grad=False)), yb)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.value)
+            if not np.isfinite(value):
+                raise TrainingDiverged(f'the training loss became {value} in epoch {epoch}; '
+                                       f'try a smaller learning rate (now {config.lr})')
+            running += value * len(yb)
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+        seconds = time.perf_counter() - start
+        record = {'epoch': epoch, 'val_accuracy': accuracy(model, xval, yval), 'train_loss': running,
+                  'seconds': seconds, 'samples_per_second': len(xtrain) / seconds}
+        history.append(record)
+        if checkpoint:
+            save_checkpoint(checkpoint, config, model, optimizer, rng, history)
+        if on_epoch:
+            on_epoch(record, history)
+    accuracies = [r['val_accuracy'] for r in history]
+    seconds = sum(r['seconds'] for r in history)
+    return {'history': history, 'model': model,
+            'best_accuracy': max(accuracies, default=float('nan')),
+            'final_accuracy': accuracies[-1] if accuracies else float('nan'),
+            'seconds': seconds,
+            'samples_per_second': len(xtrain) * len(history) / seconds if seconds else float('nan')}
+
+
+def plot_curves(curves, path, title=None):
+    """Validation accuracy and training loss per epoch, one line per curve: curves = {label: history}."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, history in curves.items():
+        epochs = [r['epoch'] for r in history]
+        left.plot(epochs, [r['val_accuracy'] for r in history], marker='.', label=label)
+        right.plot(epochs, [r['train_loss'] for r in history], marker='.', label=label)
+    left.set(xlabel='epoch', ylabel='validation accuracy', title='validation accuracy')
+    right.set(xlabel='epoch', ylabel='running loss (summed over the epoch)', title='training loss', yscale='log')
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = f'{path}.tmp.png'
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,119 @@
+"""`fastgrad train` end to end on synth: epoch lines, JSON log, plot, checkpoints, resume, bad arguments."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fastgrad import cli
+from fastgrad.modules import load_npz
+from fastgrad.train import TrainConfig, train
+
+
+def fastgrad(*args, **kwargs):
+    return subprocess.run([sys.executable, '-m', 'fastgrad', *args], capture_output=True, text=True, **kwargs)
+
+
+def test_train_synth_end_to_end(tmp_path, capsys):
+    log, plot = tmp_path / 'log.jsonl', tmp_path / 'curves.png'
+    code = cli.main(['train', '-D', 'synth', '-e', '3', '--activation', 'relu', '--seed', '1', '-l', '0.05',
+                     '--log', str(log), '--plot', str(plot), '--no-progress'])
+    out = capsys.readouterr().out
+    assert code == 0
+    for k in range(3):
+        assert f'epoch {k:03}' in out
+    lines = out.splitlines()
+    assert lines[1].startswith('       accuracy: 0.') and lines[2].startswith('   running loss: ')
+    assert 'best accuracy' in out and 'samples/s' in out
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [0, 1, 2]
+    assert {'epoch', 'val_accuracy', 'train_loss', 'seconds', 'samples_per_second'} <= set(records[0])
+    assert records[-1]['val_accuracy'] > 0.95
+    assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_python_dash_m_and_no_progress_bar_in_pipes():
+    out = fastgrad('train', '-D', 'synth', '-e', '1', '--hidden', '4')
+    assert out.returncode == 0, out.stderr
+    assert 'epoch 000' in out.stdout and 'it/s' not in out.stderr
+
+
+@pytest.mark.parametrize('args,message', [
+    (['train', '-D', 'cifar'], "invalid choice: 'cifar' (choose from synth, mnist)"),
+    (['train', '--activation', 'gelu'], "invalid choice: 'gelu'"),
+    (['train', '--optimizer', 'rmsprop'], "choose from sgd, adam"),
+    (['train', '-b', '0'], '--batch-size must be positive'),
+    (['train', '--resume'], '--resume needs --checkpoint'),
+])
+def test_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(args)
+    assert exit.value.code == 2
+    assert message.replace("'", '') in capsys.readouterr().err.replace("'", '')
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path):
+    out = fastgrad('train', '-D', 'mnist', '--data-dir', str(tmp_path), '-e', '1')
+    assert out.returncode == 2
+    assert 'train-images-idx3-ubyte' in out.stderr and str(tmp_path) in out.stderr
+
+
+def final_weights(folder):
+    return {k: v for k, v in load_npz(os.path.join(folder, 'checkpoint.npz')).items() if k != 'meta'}
+
+
+def history(folder):
+    meta = json.loads(str(load_npz(os.path.join(folder, 'checkpoint.npz'))['meta']))
+    return [{k: v for k, v in r.items() if k not in ('seconds', 'samples_per_second')} for r in meta['history']]
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+def test_resume_equals_uninterrupted(tmp_path, optimizer):
+    config = dict(dataset='synth', epochs=4, hidden=[6], optimizer=optimizer, lr=0.02, seed=5)
+    data = None
+    train(TrainConfig(**config), checkpoint=tmp_path / 'whole')
+    train(TrainConfig(**dict(config, epochs=2)), checkpoint=tmp_path / 'parts')
+    train(TrainConfig(**config), checkpoint=tmp_path / 'parts', resume=True, data=data)
+    whole, parts = final_weights(tmp_path / 'whole'), final_weights(tmp_path / 'parts')
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], parts[key], err_msg=key)
+    assert history(tmp_path / 'whole') == history(tmp_path / 'parts')
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(TrainConfig(dataset='synth', epochs=1, hidden=[4]), checkpoint=tmp_path)
+    with pytest.raises(ValueError, match='different settings.*hidden'):
+        train(TrainConfig(dataset='synth', epochs=2, hidden=[5]), checkpoint=tmp_path, resume=True)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    """A real process stopped by SIGTERM mid-run keeps its last whole checkpoint; resuming it ends the same."""
+    args = ['train', '-D', 'synth', '-e', '40', '--hidden', '16', '--seed', '3', '--no-progress']
+    ckpt = tmp_path / 'stopped'
+    proc = subprocess.Popen([sys.executable, '-m', 'fastgrad', *args, '--checkpoint', str(ckpt)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt / 'checkpoint.npz').exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip('the run finished before it could be stopped')
+    assert proc.returncode == 130 and 'resume with --resume' in err, err
+    done = len(history(ckpt))
+    assert 1 <= done < 40
+    epochs = str(done + 2)
+    resumed = fastgrad(*args[:4], epochs, *args[5:], '--checkpoint', str(ckpt), '--resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'epoch {done:03}' in resumed.stdout and 'epoch 000' not in resumed.stdout
+    whole = fastgrad(*args[:4], epochs, *args[5:], '--checkpoint', str(tmp_path / 'whole'))
+    assert whole.returncode == 0
+    for key, value in final_weights(tmp_path / 'whole').items():
+        np.testing.assert_array_equal(value, final_weights(ckpt)[key], err_msg=key)
+    assert history(tmp_path / 'whole') == history(ckpt)
