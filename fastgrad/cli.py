@@ -9,13 +9,15 @@ from . import __version__
 from .train import TrainConfig, TrainingDiverged, plot_curves, train
 
 
-def add_training_options(parser, epochs=20):
-    """The options every training command shares (vugrad's names where vugrad had them)."""
+def add_training_options(parser, grid=False):
+    """The options every training command shares (vugrad's names where vugrad had them); a grid (the
+    sweep) takes its own lists of learning rates, momenta and epochs."""
     parser.add_argument('-D', '--dataset', choices=['synth', 'mnist'], default='synth')
     parser.add_argument('-b', '--batch-size', type=int, default=128)
-    parser.add_argument('-e', '--epochs', type=int, default=epochs)
-    parser.add_argument('-l', '--learning-rate', dest='lr', type=float, default=0.01)
-    parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
+    if not grid:
+        parser.add_argument('-e', '--epochs', type=int, default=20)
+        parser.add_argument('-l', '--learning-rate', dest='lr', type=float, default=0.01)
+        parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
     parser.add_argument('--optimizer', choices=['sgd', 'adam'], default='sgd')
     parser.add_argument('--hidden', type=int, nargs='+', metavar='N',
                         help='hidden layer sizes (default: 4 x the input size, as vugrad)')
@@ -52,6 +54,9 @@ def build_parser():
     p.add_argument('--checkpoint', metavar='DIR', help='save model, optimizer and RNG after every epoch')
     p.add_argument('--resume', action='store_true', help='continue from the last complete epoch in --checkpoint')
     p.set_defaults(run=run_train)
+
+    from .experiments import add_experiment_commands
+    add_experiment_commands(commands)
     return parser
 
 

@@ -115,17 +115,19 @@ class MLP(Module):
     """Linear layers with `activation` between them; returns logits (no softmax: use cross_entropy).
 
     hidden: an int or a list of ints (one per hidden layer); vugrad's hidden_mult=k means hidden = k * input_size.
+    init: 'he' or 'glorot' for the layers before an activation; None picks He for relu, Glorot otherwise.
+    The output layer is always Glorot.
     """
 
     def __init__(self, input_size, output_size, hidden=300, activation='relu', dtype=np.float32, rng=None,
-                 hidden_mult=None):
+                 hidden_mult=None, init=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f'MLP: activation must be one of {", ".join(ACTIVATIONS)}, not {activation!r}')
         if hidden_mult is not None:
             hidden = hidden_mult * input_size
         sizes = [input_size] + ([hidden] if np.isscalar(hidden) else list(hidden)) + [output_size]
         rng = np.random.default_rng(rng)
-        init = 'he' if activation == 'relu' else 'glorot'
+        init = init or ('he' if activation == 'relu' else 'glorot')
         self.activation = activation
         self.layers = [Linear(i, o, dtype=dtype, rng=rng, init=init if k < len(sizes) - 2 else 'glorot')
                        for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]

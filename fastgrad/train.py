@@ -29,6 +29,7 @@ class TrainConfig:
     momentum: float = 0.9
     optimizer: str = 'sgd'
     activation: str = 'relu'
+    init: str = None           # None: He for relu, Glorot otherwise
     hidden: list = None        # None: vugrad's default, 4 x the number of input features
     dtype: str = 'float32'
     seed: int = 0
@@ -53,7 +54,7 @@ def build(config, num_features, num_classes):
     init_seed, shuffle_seed = np.random.SeedSequence(config.seed).spawn(2)
     hidden = config.hidden if config.hidden else [4 * num_features]
     model = MLP(num_features, num_classes, hidden=list(hidden), activation=config.activation,
-                dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed))
+                dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed), init=config.init)
     if config.optimizer == 'sgd':
         optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     elif config.optimizer == 'adam':
