@@ -42,8 +42,7 @@ def _matmul(a, b):
 
 
 def _activation_forward(x, code):
-    x = np.ascontiguousarray(_floating(x))
-    return kernels.activation_forward(x.reshape(-1), code).reshape(x.shape)
+    return kernels.activation_forward(_floating(x), code)
 
 
 def _activation_backward(y, g, code):

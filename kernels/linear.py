@@ -6,7 +6,7 @@ mixing it with numpy's own BLAS in one loop makes the two thread pools fight (se
 import numpy as np
 from numba import njit
 
-from .activations import IDENTITY, act, act_derivative
+from .activations import IDENTITY, RELU, act_derivative, activate_inplace
 
 
 @njit(cache=True)
@@ -16,14 +16,21 @@ def matmul(a, b):
 
 
 @njit(cache=True)
-def linear_forward(x, w, b, code):
-    """x (n, in), w (out, in), b (out,) -> act(x @ w.T + b), shape (n, out)."""
+def affine(x, w, b, relu):
+    """x (n, in), w (out, in), b (out,) -> x @ w.T + b, shape (n, out), with relu fused into the bias loop."""
     y = x @ w.T
     n, m = y.shape
     for i in range(n):
         for j in range(m):
-            y[i, j] = act(y[i, j] + b[j], code)
+            v = y[i, j] + b[j]
+            y[i, j] = v if (v > 0 or not relu) else v * 0
     return y
+
+
+def linear_forward(x, w, b, code):
+    """act(x @ w.T + b): one numba kernel, then sigmoid/tanh in place on numpy's SIMD ufuncs."""
+    y = affine(x, w, b, code == RELU)
+    return y if code in (IDENTITY, RELU) else activate_inplace(y, code)
 
 
 @njit(cache=True)

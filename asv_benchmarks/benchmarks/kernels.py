@@ -1,0 +1,86 @@
+"""The hot kernels at MNIST-MLP sizes (batch 128, 784 -> 300 -> 10), each beside plain numpy doing the same maths.
+
+Inputs live at module level and every kernel runs once at import: asv times these microsecond
+benchmarks without a setup, and compilation is not throughput.
+"""
+import numpy as np
+
+import kernels
+
+_rng = np.random.default_rng(0)
+X = _rng.random((128, 784), dtype=np.float32)
+W = (_rng.standard_normal((300, 784)) * 0.05).astype(np.float32)
+W_T = np.ascontiguousarray(W.T)
+B = np.zeros(300, np.float32)
+Y = kernels.linear_forward(X, W, B, kernels.RELU)
+G = _rng.standard_normal((128, 300)).astype(np.float32)
+LOGITS = (_rng.standard_normal((128, 10)) * 3).astype(np.float32)
+TARGETS = _rng.integers(0, 10, 128)
+PROBS = kernels.cross_entropy_forward(LOGITS, TARGETS)[1]
+P = W.reshape(-1).copy()
+GRAD = (_rng.standard_normal(P.size) * 1e-3).astype(np.float32)
+BUF, M, V = np.zeros_like(P), np.zeros_like(P), np.zeros_like(P)
+F32 = np.float32
+kernels.linear_backward(X, W, Y, G, kernels.RELU, False)
+kernels.cross_entropy_backward(PROBS, TARGETS, 1 / 128)
+kernels.sgd_step(P.copy(), GRAD, BUF.copy(), F32(0.01), F32(0.9), F32(0), False)
+kernels.adam_step(P.copy(), GRAD, M.copy(), V.copy(), F32(1e-3), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(1))
+
+
+def time_linear_relu_forward_fastgrad():
+    kernels.linear_forward(X, W, B, kernels.RELU)
+
+
+def time_linear_relu_forward_numpy():
+    np.maximum(X @ W_T + B, 0)
+
+
+def time_linear_relu_backward_fastgrad():
+    kernels.linear_backward(X, W, Y, G, kernels.RELU, False)
+
+
+def time_linear_relu_backward_numpy():
+    gz = G * (Y > 0)
+    X.T @ gz, gz.sum(axis=0)
+
+
+def time_cross_entropy_forward_fastgrad():
+    kernels.cross_entropy_forward(LOGITS, TARGETS)
+
+
+def time_cross_entropy_forward_numpy():
+    shifted = LOGITS - LOGITS.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    s = e.sum(axis=1, keepdims=True, dtype=np.float64)
+    (np.log(s[:, 0]) - shifted[np.arange(128), TARGETS]).sum(), e / s
+
+
+def time_cross_entropy_backward_fastgrad():
+    kernels.cross_entropy_backward(PROBS, TARGETS, 1 / 128)
+
+
+def time_cross_entropy_backward_numpy():
+    g = PROBS / 128
+    g[np.arange(128), TARGETS] -= 1 / 128
+
+
+def time_sgd_momentum_step_fastgrad():
+    kernels.sgd_step(P, GRAD, BUF, F32(0.01), F32(0.9), F32(0), False)
+
+
+def time_sgd_momentum_step_numpy():
+    BUF.__imul__(F32(0.9))
+    BUF.__iadd__(GRAD)
+    P.__isub__(F32(0.01) * BUF)
+
+
+def time_adam_step_fastgrad():
+    kernels.adam_step(P, GRAD, M, V, F32(1e-3), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(10))
+
+
+def time_adam_step_numpy():
+    M.__imul__(F32(0.9))
+    M.__iadd__(F32(0.1) * GRAD)
+    V.__imul__(F32(0.999))
+    V.__iadd__(F32(0.001) * GRAD * GRAD)
+    P.__isub__(F32(1e-3 / (1 - 0.9 ** 10)) * M / (np.sqrt(V) / F32(np.sqrt(1 - 0.999 ** 10)) + F32(1e-8)))
