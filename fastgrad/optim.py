@@ -101,10 +101,11 @@ class Adam(Optimizer):
     def _update(self, i, value, grad):
         steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
         steps[i] += 1
+        beta1, beta2 = self.betas
         scalar = value.dtype.type
         kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
-                          scalar(self.lr), scalar(self.betas[0]), scalar(self.betas[1]), scalar(self.eps),
-                          scalar(self.weight_decay), scalar(steps[i]))
+                          scalar(self.lr / (1 - beta1 ** steps[i])), scalar(beta1), scalar(beta2), scalar(self.eps),
+                          scalar(self.weight_decay), scalar(1 / np.sqrt(1 - beta2 ** steps[i])))
 
     def _state_shape(self, key):
         return (len(self.params),) if key == 'step' else super()._state_shape(key)

@@ -8,6 +8,8 @@ never has to keep its input.
 import numpy as np
 from numba import njit
 
+from .jit import kernel
+
 IDENTITY, RELU, SIGMOID, TANH = 0, 1, 2, 3
 ACTIVATION_CODES = {'identity': IDENTITY, None: IDENTITY, 'relu': RELU, 'sigmoid': SIGMOID, 'tanh': TANH}
 
@@ -44,7 +46,7 @@ def act_derivative(y, code):
     return y * 0 + 1
 
 
-@njit(cache=True)
+@kernel
 def activation_backward(y, g, code):
     """g * act'(x) from the saved output y, elementwise, for 1-D arrays."""
     gx = np.empty_like(g)

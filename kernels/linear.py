@@ -4,18 +4,18 @@ Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS), 
 mixing it with numpy's own BLAS in one loop makes the two thread pools fight (see DESIGN.md).
 """
 import numpy as np
-from numba import njit
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
+from .jit import kernel
 
 
-@njit(cache=True)
+@kernel
 def matmul(a, b):
     """a @ b for two C-contiguous 2-D arrays of one dtype."""
     return a @ b
 
 
-@njit(cache=True)
+@kernel
 def affine(x, w, b, relu):
     """x (n, in), w (out, in), b (out,) -> x @ w.T + b, shape (n, out), with relu fused into the bias loop."""
     y = x @ w.T
@@ -33,7 +33,7 @@ def linear_forward(x, w, b, code):
     return y if code in (IDENTITY, RELU) else activate_inplace(y, code)
 
 
-@njit(cache=True)
+@kernel
 def linear_backward(x, w, y, g, code, need_gx):
     """From g = dL/dy: returns (gx or an empty array, gw (out, in), gb (out,)).
 

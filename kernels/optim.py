@@ -4,10 +4,11 @@ Hyperparameters arrive as scalars of the parameter's dtype, so a float32 update 
 loops vectorise; the branches sit outside the loops for the same reason.
 """
 import numpy as np
-from numba import njit
+
+from .jit import kernel
 
 
-@njit(cache=True)
+@kernel
 def sgd_step(p, g, buf, lr, momentum, weight_decay, nesterov):
     """SGD with weight decay and (Nesterov) momentum; buf starts at zeros, so buf = g on the first step."""
     n = p.shape[0]
@@ -25,14 +26,16 @@ def sgd_step(p, g, buf, lr, momentum, weight_decay, nesterov):
             p[i] -= lr * buf[i]
 
 
-@njit(cache=True)
-def adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """Adam (L2 weight decay added to the gradient, as torch.optim.Adam); step counts from 1."""
-    bias1 = 1 - beta1 ** step
-    bias2_sqrt = np.sqrt(1 - beta2 ** step)
-    step_size = lr / bias1
+@kernel
+def adam_step(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt):
+    """Adam (L2 weight decay added to the gradient, as torch.optim.Adam) with the bias corrections
+    precomputed by the caller: step_size = lr / (1 - beta1^t), inv_bias2_sqrt = 1 / sqrt(1 - beta2^t)."""
+    one_b1 = 1 - beta1
+    one_b2 = 1 - beta2
     for i in range(p.shape[0]):
         d = g[i] + weight_decay * p[i]
-        m[i] = beta1 * m[i] + (1 - beta1) * d
-        v[i] = beta2 * v[i] + (1 - beta2) * d * d
-        p[i] -= step_size * m[i] / (np.sqrt(v[i]) / bias2_sqrt + eps)
+        mi = beta1 * m[i] + one_b1 * d
+        vi = beta2 * v[i] + one_b2 * d * d
+        m[i] = mi
+        v[i] = vi
+        p[i] -= step_size * mi / (np.sqrt(vi) * inv_bias2_sqrt + eps)

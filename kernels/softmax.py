@@ -3,10 +3,11 @@
 Every row is shifted by its maximum before exp; sums are accumulated in float64.
 """
 import numpy as np
-from numba import njit
+
+from .jit import kernel
 
 
-@njit(cache=True)
+@kernel
 def log_softmax(x):
     """log softmax of each row of x, in x's dtype."""
     n, c = x.shape
@@ -25,13 +26,13 @@ def log_softmax(x):
     return out
 
 
-@njit(cache=True)
+@kernel
 def softmax(x):
     """softmax of each row of x, in x's dtype."""
     return np.exp(log_softmax(x))
 
 
-@njit(cache=True)
+@kernel
 def log_softmax_backward(logp, g):
     """dL/dx = g - softmax(x) * rowsum(g), from the saved log-probabilities."""
     n, c = g.shape
@@ -45,7 +46,7 @@ def log_softmax_backward(logp, g):
     return gx
 
 
-@njit(cache=True)
+@kernel
 def cross_entropy_forward(logits, targets):
     """Summed negative log-likelihood of targets under softmax(logits) (float64), the probabilities, and
     the position of the first target outside [0, classes) (-1 if none; nothing is computed then)."""
@@ -71,7 +72,7 @@ def cross_entropy_forward(logits, targets):
     return total, probs, -1
 
 
-@njit(cache=True)
+@kernel
 def cross_entropy_backward(probs, targets, scale):
     """(probs - onehot(targets)) * scale: the gradient of the loss over the logits."""
     n, c = probs.shape

@@ -119,7 +119,7 @@ def test_adam_step(dtype):
     rv = b2 * v + (1 - b2) * d * d
     rp = p - lr / (1 - b1 ** step) * rm / (np.sqrt(rv) / np.sqrt(1 - b2 ** step) + eps)
     s = np.dtype(dtype).type
-    kernels.adam_step(p, g, m, v, s(lr), s(b1), s(b2), s(eps), s(wd), s(step))
+    kernels.adam_step(p, g, m, v, s(lr / (1 - b1 ** step)), s(b1), s(b2), s(eps), s(wd), s(1 / np.sqrt(1 - b2 ** step)))
     for got, want in ((p, rp), (m, rm), (v, rv)):
         np.testing.assert_allclose(got, want, **TOL[dtype])
 

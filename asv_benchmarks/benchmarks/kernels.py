@@ -24,7 +24,8 @@ F32 = np.float32
 kernels.linear_backward(X, W, Y, G, kernels.RELU, False)
 kernels.cross_entropy_backward(PROBS, TARGETS, 1 / 128)
 kernels.sgd_step(P.copy(), GRAD, BUF.copy(), F32(0.01), F32(0.9), F32(0), False)
-kernels.adam_step(P.copy(), GRAD, M.copy(), V.copy(), F32(1e-3), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(1))
+ADAM = (F32(1e-3 / (1 - 0.9 ** 10)), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(1 / np.sqrt(1 - 0.999 ** 10)))
+kernels.adam_step(P.copy(), GRAD, M.copy(), V.copy(), *ADAM)
 
 
 def time_linear_relu_forward_fastgrad():
@@ -75,7 +76,7 @@ def time_sgd_momentum_step_numpy():
 
 
 def time_adam_step_fastgrad():
-    kernels.adam_step(P, GRAD, M, V, F32(1e-3), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(10))
+    kernels.adam_step(P, GRAD, M, V, *ADAM)
 
 
 def time_adam_step_numpy():
