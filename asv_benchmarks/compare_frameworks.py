@@ -20,9 +20,6 @@ import time
 
 import numpy as np
 
-FLOPS_PER_IMAGE = None  # set by mlp_flops for the workload's sizes
-
-
 def mlp_flops(sizes):
     """Multiply-adds x2 per image for one training step: forward, weight gradients, input gradients
     of every layer but the first."""

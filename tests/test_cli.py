@@ -74,10 +74,9 @@ def history(folder):
 @pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
 def test_resume_equals_uninterrupted(tmp_path, optimizer):
     config = dict(dataset='synth', epochs=4, hidden=[6], optimizer=optimizer, lr=0.02, seed=5)
-    data = None
     train(TrainConfig(**config), checkpoint=tmp_path / 'whole')
     train(TrainConfig(**dict(config, epochs=2)), checkpoint=tmp_path / 'parts')
-    train(TrainConfig(**config), checkpoint=tmp_path / 'parts', resume=True, data=data)
+    train(TrainConfig(**config), checkpoint=tmp_path / 'parts', resume=True)
     whole, parts = final_weights(tmp_path / 'whole'), final_weights(tmp_path / 'parts')
     assert whole.keys() == parts.keys()
     for key in whole:
