@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+
 def mlp_flops(sizes):
     """Multiply-adds x2 per image for one training step: forward, weight gradients, input gradients
     of every layer but the first."""
