@@ -309,24 +309,27 @@ def backward(root):
     """Accumulates d root / d node into `.grad` of every node below root that requires a gradient."""
     if root.source is not None and root.source.inputs is None:
         raise RuntimeError('backward() through a graph that was cleared')
-    pending = {id(root): np.ones(root.shape, dtype=_grad_dtype(root.value))}  # gradients not yet complete
-    leaves = {}
+    # gradients not yet complete, keyed by node (TensorNode hashes by identity)
+    pending = {root: np.ones(root.shape, dtype=_grad_dtype(root.value))}
+    leaves = [root] if root.source is None else []
     for opnode in _topological_opnodes(root):
-        outputs = opnode.outputs
         goutputs = []
-        for node, (shape, dtype) in zip(outputs, opnode._output_meta):
-            g = pending.pop(id(node), None) if node is not None else None
+        for ref, (shape, dtype) in zip(opnode._outputs, opnode._output_meta):
+            node = ref()
+            g = None if node is None else pending.pop(node, None)
             if g is None:
                 g = np.zeros(shape, dtype=dtype)
-            elif node is not None:
+            else:
                 node._accumulate_grad(g)
             goutputs.append(g)
         ginputs = opnode.op.backward(opnode.context, *goutputs)
-        ginputs = ginputs if isinstance(ginputs, tuple) else (ginputs,)
-        if len(ginputs) != len(opnode.inputs):
+        if type(ginputs) is not tuple:
+            ginputs = (ginputs,)
+        inputs = opnode.inputs
+        if len(ginputs) != len(inputs):
             raise ValueError(f'{opnode.op.__name__}.backward returned {len(ginputs)} gradients for '
-                             f'{len(opnode.inputs)} inputs')
-        for i, (node, g) in enumerate(zip(opnode.inputs, ginputs)):
+                             f'{len(inputs)} inputs')
+        for i, (node, g) in enumerate(zip(inputs, ginputs)):
             if g is None or not node.requires_grad:
                 continue
             value = node.value
@@ -334,15 +337,14 @@ def backward(root):
                 g = _reduce_to_shape(opnode.op, i, g, value.shape)
             if g.dtype != value.dtype:
                 g = g.astype(_grad_dtype(value))
-            key = id(node)
-            # never add in place here: g may be shared with another input or with the op's context
-            pending[key] = g if key not in pending else pending[key] + g
-            if node.source is None:
-                leaves[key] = node
-    if root.source is None:
-        leaves[id(root)] = root
-    for key, node in leaves.items():
-        node._accumulate_grad(pending[key])
+            if node in pending:  # never add in place: g may be shared with another input or the context
+                pending[node] = pending[node] + g
+            else:
+                pending[node] = g
+                if node.source is None:
+                    leaves.append(node)
+    for node in leaves:
+        node._accumulate_grad(pending[node])
 
 
 from . import ops  # noqa: E402  (the operators above need the ops; ops need Op)

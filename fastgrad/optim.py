@@ -20,18 +20,22 @@ class Optimizer:
         for p in self.params:
             p.grad = None
 
-    def _flat(self, p, i):
-        """The parameter's value and gradient as flat views, for the kernels (which update in place)."""
-        if not p.value.flags.c_contiguous or not p.value.flags.writeable:
-            raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable C-contiguous array')
-        g = np.ascontiguousarray(p._grad, dtype=p.dtype)
-        return p.value.reshape(-1), g.reshape(-1)
-
     def step(self):
+        scalars = {}  # the hyperparameters as scalars of each parameter dtype, made once per step
         for i, p in enumerate(self.params):
-            if p._grad is not None:  # a parameter no backward reached is left alone, as in torch
-                value, grad = self._flat(p, i)
-                self._update(i, value, grad)
+            grad, value = p._grad, p.value
+            if grad is None:  # a parameter no backward reached is left alone, as in torch
+                continue
+            flags = value.flags
+            if not (flags.c_contiguous and flags.writeable):
+                raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable C-contiguous array')
+            if grad.dtype != value.dtype or not grad.flags.c_contiguous:
+                grad = np.ascontiguousarray(grad, dtype=value.dtype)
+            dtype = value.dtype
+            if dtype not in scalars:
+                scalars[dtype] = self._scalars(dtype.type)
+            # flat views: the kernels update the parameter and its state in place
+            self._update(i, value.reshape(-1), grad.reshape(-1), scalars[dtype])
 
     def _buffer(self, name, i):
         """Per-parameter state (a flat array like the parameter), made at first use."""
@@ -82,11 +86,12 @@ class SGD(Optimizer):
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.state = {}
 
-    def _update(self, i, value, grad):
+    def _scalars(self, scalar):
+        return scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay), bool(self.nesterov)
+
+    def _update(self, i, value, grad, scalars):
         buf = self._buffer('momentum_buffer', i) if self.momentum else value[:0]
-        scalar = value.dtype.type
-        kernels.sgd_step(value, grad, buf, scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay),
-                         bool(self.nesterov))
+        kernels.sgd_step(value, grad, buf, *scalars)
 
 
 class Adam(Optimizer):
@@ -98,11 +103,13 @@ class Adam(Optimizer):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.state = {}
 
-    def _update(self, i, value, grad):
+    def _scalars(self, scalar):
+        return scalar  # the bias corrections change every step: converted per parameter in _update
+
+    def _update(self, i, value, grad, scalar):
         steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
         steps[i] += 1
         beta1, beta2 = self.betas
-        scalar = value.dtype.type
         kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
                           scalar(self.lr / (1 - beta1 ** steps[i])), scalar(beta1), scalar(beta2), scalar(self.eps),
                           scalar(self.weight_decay), scalar(1 / np.sqrt(1 - beta2 ** steps[i])))
