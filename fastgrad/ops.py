@@ -29,16 +29,11 @@ def _check_ndim(op, name, x, ndim):
         raise ValueError(f'{op}: {name} must have {ndim} dimensions, got shape {x.shape}')
 
 
-def _blas_pair(op, a, b):
-    """Both operands as C-contiguous arrays of one floating dtype, for the numba matmul kernels."""
-    dtype = np.result_type(_floating(a).dtype, _floating(b).dtype)
-    return np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype)
-
-
 def _matmul(a, b):
-    """a @ b (2-D, float) through numba's BLAS: the one BLAS of the training step."""
-    a, b = _blas_pair('matmul', a, b)
-    return kernels.matmul(a, b)
+    """a @ b (2-D) through numba's BLAS, the one BLAS of the training step: both operands are made
+    C-contiguous in one floating dtype first."""
+    dtype = np.result_type(_floating(a).dtype, _floating(b).dtype)
+    return kernels.matmul(np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype))
 
 
 def _activation_forward(x, code):
@@ -155,8 +150,9 @@ class BatchMM(Op):
 
 
 class Linear(Op):
-    """act(x @ w.T + b) in one kernel: x (n, in), w (out, in), b (out,) or (1, out); activation is one of
-    None/'identity', 'relu', 'sigmoid', 'tanh'. x is cast to w's dtype (its gradient is cast back)."""
+    """act(x @ w.T + b), fused: x (n, in), w (out, in), b (out,) or (1, out); activation is one of
+    None/'identity', 'relu', 'sigmoid', 'tanh'. x is cast to w's dtype (its gradient is cast back).
+    Backward returns (dL/dx, dL/dw, dL/db) from one kernel call, skipping dL/dx when x needs none."""
     @staticmethod
     def forward(context, x, w, b, activation=None):
         if activation not in kernels.ACTIVATION_CODES:
