@@ -1,11 +1,11 @@
 """The `fastgrad` command: `fastgrad train ...` (and `python -m fastgrad train ...`)."""
 import argparse
 import json
-import os
 import signal
 import sys
 
 from . import __version__
+from .files import atomic_open
 from .train import TrainConfig, TrainingDiverged, plot_curves, train
 
 
@@ -61,11 +61,9 @@ def build_parser():
 
 
 def write_json_lines(path, records):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
+    with atomic_open(path) as f:
         for record in records:
             f.write(json.dumps(record) + '\n')
-    os.replace(tmp, path)
 
 
 def print_epoch(record):

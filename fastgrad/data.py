@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from .files import atomic_open
 from .modules import save_npz
 
 # sha256 of the data section (the array bytes) of each MNIST IDX file
@@ -172,14 +173,9 @@ def _download(mirrors=None, timeout=30):
                 folder = os.path.join(cache_dir(), 'download')
                 os.makedirs(folder, exist_ok=True)
                 target = os.path.join(folder, name + '.gz')
-                try:
-                    with urllib.request.urlopen(mirror + name + '.gz', timeout=timeout) as response:
-                        with open(target + '.part', 'wb') as f:
-                            f.write(response.read())
-                    os.replace(target + '.part', target)
-                finally:
-                    if os.path.exists(target + '.part'):
-                        os.unlink(target + '.part')
+                with urllib.request.urlopen(mirror + name + '.gz', timeout=timeout) as response:
+                    with atomic_open(target, 'wb') as f:
+                        f.write(response.read())
                 arrays[key] = read_idx(target)
             return _check_arrays(arrays, mirror, expect_mnist=True)
         except (OSError, ValueError) as e:

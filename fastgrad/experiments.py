@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from .files import atomic_open
 from .train import TrainConfig, TrainingDiverged, plot_curves, train
 
 ACTIVATIONS_COLUMNS = ['epoch', 'activation', 'val_accuracy', 'train_loss']
@@ -42,12 +43,10 @@ def add_experiment_commands(commands):
 
 
 def write_csv(path, columns, rows):
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', newline='') as f:
+    with atomic_open(path, newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # -- sigmoid vs relu
@@ -188,8 +187,7 @@ def run_sweep(parser, args):
     if bar is not None:
         bar.close()
     table = markdown_table(rows)
-    with open(md_path + '.tmp', 'w') as f:
+    with atomic_open(md_path) as f:
         f.write(table)
-    os.replace(md_path + '.tmp', md_path)
     print('\n' + table + f'\nwrote {csv_path} and {md_path}')
     return 0

@@ -1,10 +1,8 @@
 """Modules: parameter containers that find their parameters themselves, Linear, MLP, Sequential."""
-import os
-import tempfile
-
 import numpy as np
 
 from .core import TensorNode
+from .files import atomic_open
 from .ops import Linear as LinearOp
 
 
@@ -66,16 +64,9 @@ class Module:
 
 
 def save_npz(path, arrays):
-    """np.savez to `path` via a temporary file in the same folder, so a crash leaves no half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """np.savez to `path`, atomically: a crash leaves no half-written file."""
+    with atomic_open(path, 'wb') as f:
+        np.savez(f, **arrays)
 
 
 def load_npz(path):

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import data as datasets
 from .core import TensorNode, no_grad
+from .files import atomic_open
 from .functions import cross_entropy
 from .modules import MLP, load_npz, save_npz
 from .optim import SGD, Adam
@@ -169,7 +170,6 @@ def plot_curves(curves, path, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = f'{path}.tmp.png'
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path, 'wb') as f:
+        fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

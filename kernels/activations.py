@@ -15,7 +15,7 @@ ACTIVATION_CODES = {'identity': IDENTITY, None: IDENTITY, 'relu': RELU, 'sigmoid
 
 
 def activate_inplace(z, code):
-    """Applies the activation to z in place (z is returned); identity and relu are left to the caller's loop."""
+    """Applies the activation to z in place and returns z (identity leaves it as it is)."""
     if code == SIGMOID:
         with np.errstate(over='ignore'):  # exp(-z) = inf for very negative z gives the right limit, 0
             np.negative(z, out=z)
