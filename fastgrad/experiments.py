@@ -13,7 +13,7 @@ import sys
 import time
 
 from .files import atomic_open
-from .train import TrainConfig, TrainingDiverged, plot_curves, train
+from .train import TrainingDiverged, plot_curves, train
 
 ACTIVATIONS_COLUMNS = ['epoch', 'activation', 'val_accuracy', 'train_loss']
 SWEEP_COLUMNS = ['lr', 'momentum', 'epochs', 'val_accuracy', 'train_loss', 'seconds', 'error']
