@@ -152,7 +152,11 @@ class BatchMM(Op):
 class Linear(Op):
     """act(x @ w.T + b), fused: x (n, in), w (out, in), b (out,) or (1, out); activation is one of
     None/'identity', 'relu', 'sigmoid', 'tanh'. x is cast to w's dtype (its gradient is cast back).
-    Backward returns (dL/dx, dL/dw, dL/db) from one kernel call, skipping dL/dx when x needs none."""
+    Backward returns (dL/dx, dL/dw, dL/db) from one kernel call, skipping dL/dx when x needs none.
+
+    The kernels read w.T row by row: fastgrad's Linear stores w column-major so that w.T needs no copy
+    (any other layout works, copied once per call). An input that needs no gradient (the data) takes the
+    sparse kernels when it is mostly zeros."""
     @staticmethod
     def forward(context, x, w, b, activation=None):
         if activation not in kernels.ACTIVATION_CODES:
@@ -161,20 +165,21 @@ class Linear(Op):
         _check_ndim('Linear', 'weight', w, 2)
         if x.shape[1] != w.shape[1] or b.size != w.shape[0]:
             raise ValueError(f'Linear: input {x.shape}, weight {w.shape} (out, in) and bias {b.shape} do not fit')
-        w = np.ascontiguousarray(_floating(w))
-        x = np.ascontiguousarray(x, dtype=w.dtype)
+        wt = np.ascontiguousarray(_floating(w).T)
+        x = np.ascontiguousarray(x, dtype=wt.dtype)
         code = kernels.ACTIVATION_CODES[activation]
-        y = kernels.linear_forward(x, w, np.ascontiguousarray(b, dtype=w.dtype).reshape(-1), code)
-        context.update(x=x, w=w, y=y, code=code, bshape=b.shape)
+        nonzeros = None if context['needs_input_grad'][0] else kernels.find_nonzeros(x)
+        y = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=wt.dtype).reshape(-1), code, nonzeros)
+        context.update(x=x, wt=wt, y=y, code=code, bshape=b.shape, nonzeros=nonzeros)
         return y
 
     @staticmethod
     def backward(context, go):
         need_x, need_w, need_b = context['needs_input_grad']
-        gx, gw, gb = kernels.linear_backward(context['x'], context['w'], context['y'],
-                                             np.ascontiguousarray(go, dtype=context['y'].dtype),
-                                             context['code'], need_x)
-        return (gx if need_x else None), (gw if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
+        gx, gwt, gb = kernels.linear_backward(context['x'], context['wt'], context['y'],
+                                              np.ascontiguousarray(go, dtype=context['y'].dtype),
+                                              context['code'], need_x, context['nonzeros'])
+        return (gx if need_x else None), (gwt.T if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
 
 
 # -- reductions and shapes

@@ -4,6 +4,11 @@ import numpy as np
 import kernels
 
 
+def _memory_order(a):
+    """'C' or 'F' for a contiguous array (C when both, as for 1-D arrays), None otherwise."""
+    return 'C' if a.flags.c_contiguous else 'F' if a.flags.f_contiguous else None
+
+
 class Optimizer:
     hyperparameters = ()
 
@@ -26,23 +31,26 @@ class Optimizer:
             grad, value = p._grad, p.value
             if grad is None:  # a parameter no backward reached is left alone, as in torch
                 continue
-            flags = value.flags
-            if not (flags.c_contiguous and flags.writeable):
-                raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable C-contiguous array')
-            if grad.dtype != value.dtype or not grad.flags.c_contiguous:
-                grad = np.ascontiguousarray(grad, dtype=value.dtype)
+            order = _memory_order(value)
+            if order is None or not value.flags.writeable:
+                raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable contiguous array')
+            grad = np.asarray(grad, dtype=value.dtype, order=order)  # a copy only if dtype or layout differ
             dtype = value.dtype
             if dtype not in scalars:
                 scalars[dtype] = self._scalars(dtype.type)
-            # flat views: the kernels update the parameter and its state in place
-            self._update(i, value.reshape(-1), grad.reshape(-1), scalars[dtype])
+            # flat views in memory order: the kernels update the parameter and its state in place
+            self._update(i, value.ravel(order), grad.ravel(order), scalars[dtype], order)
 
-    def _buffer(self, name, i):
-        """Per-parameter state (a flat array like the parameter), made at first use."""
+    def _buffer(self, name, i, order):
+        """Per-parameter state: zeros shaped and laid out like the parameter, made at first use; returned
+        as a flat view in the parameter's memory order."""
         key = f'{name}.{i}'
-        if key not in self.state:
-            self.state[key] = np.zeros(self.params[i].value.size, dtype=self.params[i].dtype)
-        return self.state[key]
+        buf = self.state.get(key)
+        if buf is None:
+            buf = self.state[key] = np.zeros_like(self.params[i].value, order=order)
+        elif _memory_order(buf) != order:  # loaded from a checkpoint, which holds C order
+            buf = self.state[key] = np.asarray(buf, order=order)
+        return buf.ravel(order)
 
     def state_dict(self):
         """A flat dict of arrays and numbers (savable with np.savez, no pickle)."""
@@ -59,6 +67,8 @@ class Optimizer:
             if key in self.hyperparameters:
                 continue
             expected = self._state_shape(key)
+            if np.ndim(buf) == 1 and np.size(buf) == np.prod(expected) and len(expected) != 1:
+                buf = np.reshape(buf, expected)  # older checkpoints kept flat buffers (C order)
             if np.shape(buf) != expected:
                 raise ValueError(f'{type(self).__name__}.load_state_dict: {key} has shape {np.shape(buf)}, '
                                  f'the parameters need {expected}')
@@ -69,7 +79,7 @@ class Optimizer:
         name, _, index = key.rpartition('.')
         if not name or not index.isdigit() or int(index) >= len(self.params):
             raise ValueError(f'{type(self).__name__}.load_state_dict: unexpected entry {key!r}')
-        return (self.params[int(index)].value.size,)
+        return self.params[int(index)].value.shape
 
     def _state_dtype(self, key):
         return self.params[int(key.rpartition('.')[2])].dtype
@@ -89,8 +99,8 @@ class SGD(Optimizer):
     def _scalars(self, scalar):
         return scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay), bool(self.nesterov)
 
-    def _update(self, i, value, grad, scalars):
-        buf = self._buffer('momentum_buffer', i) if self.momentum else value[:0]
+    def _update(self, i, value, grad, scalars, order):
+        buf = self._buffer('momentum_buffer', i, order) if self.momentum else value[:0]
         kernels.sgd_step(value, grad, buf, *scalars)
 
 
@@ -106,11 +116,11 @@ class Adam(Optimizer):
     def _scalars(self, scalar):
         return scalar  # the bias corrections change every step: converted per parameter in _update
 
-    def _update(self, i, value, grad, scalar):
+    def _update(self, i, value, grad, scalar, order):
         steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
         steps[i] += 1
         beta1, beta2 = self.betas
-        kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
+        kernels.adam_step(value, grad, self._buffer('exp_avg', i, order), self._buffer('exp_avg_sq', i, order),
                           scalar(self.lr / (1 - beta1 ** steps[i])), scalar(beta1), scalar(beta2), scalar(self.eps),
                           scalar(self.weight_decay), scalar(1 / np.sqrt(1 - beta2 ** steps[i])))
 

@@ -1,12 +1,29 @@
-"""Dense layers: y = act(x @ w.T + b) with w stored (out, in) as in vugrad and PyTorch.
+"""Dense layers: y = act(x @ wt + b), with the weight passed transposed: wt is (in, out), C-contiguous.
+
+fastgrad's Linear stores w (out, in) column-major, so w.T is that array without a copy; x @ wt and the
+weight gradient x.T @ gz (784x300: 490-510 us against 577-592 us for gz.T @ x) are BLAS calls without a
+transposed output.
 
 Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS), evaluation included:
 mixing it with numpy's own BLAS in one loop makes the two thread pools fight (see DESIGN.md).
+
+Sparse inputs (MNIST pixels are 81 % zeros) take another path when the input needs no gradient: the
+nonzeros of each row are found once, the forward adds up only the weight rows they select, and the weight
+gradient sums only over them. A zero input then contributes exactly nothing, also against an inf/nan weight
+(as in torch.sparse), where the dense product would give nan.
 """
 import numpy as np
+from numba import prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
-from .jit import kernel
+from .jit import kernel, parallel_kernel
+
+# Measured on 2 cores (batch 128, 784 -> 300): sparse forward + weight gradient beat the dense pair up to
+# about 30 % nonzeros (random positions; 0.6 ms against 1.1 ms at MNIST's 19 %). Small inputs stay dense:
+# starting the parallel loops costs more than they save.
+SPARSE_MAX_DENSITY = 0.25
+SPARSE_MIN_SIZE = 4096
+SAMPLE_ROWS = 16
 
 
 @kernel
@@ -16,29 +33,133 @@ def matmul(a, b):
 
 
 @kernel
-def affine(x, w, b, relu):
-    """x (n, in), w (out, in), b (out,) -> x @ w.T + b, shape (n, out), with relu fused into the bias loop."""
-    y = x @ w.T
+def _bias_relu_inplace(y, b, relu):
     n, m = y.shape
     for i in range(n):
         for j in range(m):
             v = y[i, j] + b[j]
             y[i, j] = v if (v > 0 or not relu) else v * 0
+
+
+@kernel
+def affine(x, wt, b, relu):
+    """x (n, in), wt (in, out), b (out,) -> x @ wt + b, shape (n, out), with relu fused into the bias loop."""
+    y = x @ wt
+    _bias_relu_inplace(y, b, relu)
     return y
 
 
-def linear_forward(x, w, b, code):
-    """act(x @ w.T + b): one numba kernel, then sigmoid/tanh in place on numpy's SIMD ufuncs."""
-    y = affine(x, w, b, code == RELU)
+@parallel_kernel
+def row_nonzeros(x):
+    """cols[i, :count[i]] = the columns where row i of x is nonzero (NaN counts as nonzero), in order."""
+    n, m = x.shape
+    cols = np.empty((n, m), np.int32)
+    count = np.empty(n, np.int64)
+    for i in prange(n):
+        c = 0
+        for j in range(m):  # branch-free: write the index always, advance only past a nonzero
+            cols[i, c] = j
+            c += x[i, j] != 0
+        count[i] = c
+    return cols, count
+
+
+@parallel_kernel
+def sparse_affine(x, cols, count, wt, b, relu):
+    """x @ wt + b (relu fused) adding only the rows of wt that row i's nonzeros select.
+
+    Four nonzeros per pass over the output row, so each 8-float block of it is loaded and stored once
+    for four weight rows."""
+    n = x.shape[0]
+    m = wt.shape[1]
+    y = np.empty((n, m), wt.dtype)
+    for i in prange(n):
+        yi, xi, ci, c = y[i], x[i], cols[i], count[i]
+        for k in range(m):
+            yi[k] = b[k]
+        p = 0
+        while p + 4 <= c:
+            j0, j1, j2, j3 = ci[p], ci[p + 1], ci[p + 2], ci[p + 3]
+            v0, v1, v2, v3 = xi[j0], xi[j1], xi[j2], xi[j3]
+            r0, r1, r2, r3 = wt[j0], wt[j1], wt[j2], wt[j3]
+            for k in range(m):
+                yi[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
+            p += 4
+        for q in range(p, c):
+            v, r = xi[ci[q]], wt[ci[q]]
+            for k in range(m):
+                yi[k] += v * r[k]
+        if relu:
+            for k in range(m):
+                v = yi[k]
+                yi[k] = v if v > 0 else v * 0
+    return y
+
+
+@kernel
+def _column_nonzeros(cols, count, n_in):
+    """The transpose of row_nonzeros' pattern: rows[j, :rcount[j]] = the rows whose column j is nonzero."""
+    n = count.shape[0]
+    rows = np.empty((n_in, n), np.int32)
+    rcount = np.zeros(n_in, np.int64)
+    for i in range(n):
+        for p in range(count[i]):
+            j = cols[i, p]
+            rows[j, rcount[j]] = i
+            rcount[j] += 1
+    return rows, rcount
+
+
+@parallel_kernel
+def _sparse_weight_grad(x, rows, rcount, gz):
+    n_in = x.shape[1]
+    m = gz.shape[1]
+    gwt = np.empty((n_in, m), gz.dtype)
+    for j in prange(n_in):  # one weight row per input feature: threads never write the same row
+        gj, rj, c = gwt[j], rows[j], rcount[j]
+        for k in range(m):
+            gj[k] = 0
+        p = 0
+        while p + 4 <= c:
+            i0, i1, i2, i3 = rj[p], rj[p + 1], rj[p + 2], rj[p + 3]
+            v0, v1, v2, v3 = x[i0, j], x[i1, j], x[i2, j], x[i3, j]
+            r0, r1, r2, r3 = gz[i0], gz[i1], gz[i2], gz[i3]
+            for k in range(m):
+                gj[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
+            p += 4
+        for q in range(p, c):
+            v, r = x[rj[q], j], gz[rj[q]]
+            for k in range(m):
+                gj[k] += v * r[k]
+    return gwt
+
+
+def sparse_weight_grad(x, cols, count, gz):
+    """x.T @ gz, (in, out), summing only over the nonzeros of x found by row_nonzeros."""
+    rows, rcount = _column_nonzeros(cols, count, x.shape[1])
+    return _sparse_weight_grad(x, rows, rcount, gz)
+
+
+def find_nonzeros(x):
+    """row_nonzeros(x) when x is big and sparse enough for the sparse kernels to win, else None.
+
+    A sample of rows is counted first, so dense inputs pay about a microsecond, not a full scan."""
+    if x.size < SPARSE_MIN_SIZE or np.count_nonzero(x[:SAMPLE_ROWS]) > 2 * SPARSE_MAX_DENSITY * x[:SAMPLE_ROWS].size:
+        return None
+    cols, count = row_nonzeros(x)
+    return (cols, count) if count.sum() <= SPARSE_MAX_DENSITY * x.size else None
+
+
+def linear_forward(x, wt, b, code, nonzeros=None):
+    """act(x @ wt + b): one numba kernel (the sparse one when `nonzeros` from find_nonzeros is given), then
+    sigmoid/tanh in place on numpy's SIMD ufuncs."""
+    relu = code == RELU
+    y = affine(x, wt, b, relu) if nonzeros is None else sparse_affine(x, *nonzeros, wt, b, relu)
     return y if code in (IDENTITY, RELU) else activate_inplace(y, code)
 
 
 @kernel
-def linear_backward(x, w, y, g, code, need_gx):
-    """From g = dL/dy: returns (gx or an empty array, gw (out, in), gb (out,)).
-
-    The activation derivative is taken from the saved output y and fused with the bias sum.
-    """
+def _linear_backward(x, wt, y, g, code, need_gx, need_gw):
     n, m = g.shape
     gb = np.zeros(m)  # float64 accumulator
     if code == IDENTITY:
@@ -53,8 +174,19 @@ def linear_backward(x, w, y, g, code, need_gx):
                 v = g[i, j] * act_derivative(y[i, j], code)
                 gz[i, j] = v
                 gb[j] += v
-    gw = gz.T @ x
-    gx = gz @ w if need_gx else g[:0, :0].copy()
+    gwt = x.T @ gz if need_gw else g[:0, :0].copy()
+    gx = gz @ wt.T if need_gx else g[:0, :0].copy()
     gb_out = np.empty_like(g[0])
     gb_out[:] = gb
-    return gx, gw, gb_out
+    return gx, gwt, gb_out, gz
+
+
+def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
+    """From g = dL/dy: returns (gx or an empty array, gwt = dL/dwt (in, out), gb (out,)).
+
+    The activation derivative is taken from the saved output y and fused with the bias sum; with the
+    `nonzeros` the forward used, the weight gradient sums over them only."""
+    gx, gwt, gb, gz = _linear_backward(x, wt, y, g, code, need_gx, nonzeros is None)
+    if nonzeros is not None:
+        gwt = sparse_weight_grad(x, *nonzeros, gz)
+    return gx, gwt, gb

@@ -25,25 +25,75 @@ def log_softmax_ref(x):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def check_linear(x, wt, b, g, name, nonzeros=None):
+    """linear_forward/backward (dense, or sparse with the given nonzeros) against numpy in float64."""
+    dtype = x.dtype.type
+    tol = dict(TOL[dtype], atol=TOL[dtype]['atol'] * max(x.shape))  # sums of up to 784 products
+    code = kernels.ACTIVATION_CODES[name]
+    y = kernels.linear_forward(x, wt, b, code, nonzeros)
+    x64, wt64 = x.astype(np.float64), wt.astype(np.float64)
+    ref = ACT[name](x64 @ wt64 + b)
+    assert y.dtype == dtype and y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, **tol)
+    gx, gwt, gb = kernels.linear_backward(x, wt, y, g, code, True, nonzeros)
+    gz = g.astype(np.float64) * DACT[name](y.astype(np.float64))
+    for got, want in ((gx, gz @ wt64.T), (gwt, x64.T @ gz), (gb, gz.sum(axis=0))):
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want, **tol)
+    gx_skipped, _, _ = kernels.linear_backward(x, wt, y, g, code, False, nonzeros)
+    assert gx_skipped.size == 0
+
+
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('name', list(ACT))
 def test_linear_forward_backward(dtype, shape, name):
     n, k = shape
     m = k + 2
-    x, w, b, g = data((n, k), dtype, 1), data((m, k), dtype, 2), data(m, dtype, 3), data((n, m), dtype, 4)
-    code = kernels.ACTIVATION_CODES[name]
-    y = kernels.linear_forward(x, w, b, code)
-    ref = ACT[name](x.astype(np.float64) @ w.T.astype(np.float64) + b)
-    assert y.dtype == dtype and y.shape == (n, m)
-    np.testing.assert_allclose(y, ref, **TOL[dtype])
-    gx, gw, gb = kernels.linear_backward(x, w, y, g, code, True)
-    gz = g.astype(np.float64) * DACT[name](y.astype(np.float64))
-    for got, want in ((gx, gz @ w), (gw, gz.T @ x), (gb, gz.sum(axis=0))):
-        assert got.dtype == dtype
-        np.testing.assert_allclose(got, want, **TOL[dtype])
-    gx_skipped, _, _ = kernels.linear_backward(x, w, y, g, code, False)
-    assert gx_skipped.size == 0
+    check_linear(data((n, k), dtype, 1), data((k, m), dtype, 2), data(m, dtype, 3), data((n, m), dtype, 4), name)
+
+
+def sparse_data(shape, dtype, density, seed):
+    x = data(shape, dtype, seed)
+    x[np.random.default_rng(seed + 1).random(shape) >= density] = 0
+    return x
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('shape', [(1, 1), (1, 7), (9, 1), (13, 7), (3, 33), (128, 784), (37, 129)])
+@pytest.mark.parametrize('density', [0.0, 0.05, 0.2, 1.0])
+@pytest.mark.parametrize('name', ['relu', 'sigmoid', 'identity'])
+def test_sparse_linear_matches_numpy(dtype, shape, density, name):
+    """The sparse kernels, forced on any shape and density (rows with 0-3 and 4k+r nonzeros included)."""
+    n, k = shape
+    m = 300 if k == 784 else k + 5
+    x = sparse_data(shape, dtype, density, 11)
+    nonzeros = kernels.linear.row_nonzeros(x)
+    cols, count = nonzeros
+    for i in range(n):
+        np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
+    check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, nonzeros)
+
+
+def test_find_nonzeros_picks_the_sparse_path_only_where_it_wins():
+    assert kernels.find_nonzeros(sparse_data((128, 784), np.float32, 0.19, 0)) is not None  # MNIST-like
+    assert kernels.find_nonzeros(sparse_data((128, 784), np.float32, 0.6, 0)) is None  # too dense
+    assert kernels.find_nonzeros(sparse_data((4, 8), np.float32, 0.1, 0)) is None  # too small to pay
+    # sparse first rows (the sample) but a dense batch: the full count decides
+    x = sparse_data((128, 784), np.float32, 0.05, 0)
+    x[16:] = 1
+    assert kernels.find_nonzeros(x) is None
+
+
+def test_sparse_input_skips_nan_weights_it_never_meets():
+    """A zero input contributes nothing (torch.sparse semantics); a nan input still poisons its row."""
+    x = np.zeros((2, 3), np.float32)
+    x[0, 0], x[1, 1] = 1, np.nan
+    wt = np.ones((3, 2), np.float32)
+    wt[2] = np.nan
+    y = kernels.linear_forward(x, wt, np.zeros(2, np.float32), kernels.IDENTITY, kernels.linear.row_nonzeros(x))
+    np.testing.assert_array_equal(y[0], [1, 1])
+    assert np.isnan(y[1]).all()
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
