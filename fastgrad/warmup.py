@@ -5,7 +5,7 @@ import numpy as np
 
 from . import functions as F
 from .core import TensorNode
-from .modules import MLP
+from .modules import MLP, Linear
 from .ops import BatchMM, MatrixMultiply
 from .optim import SGD, Adam
 
@@ -20,7 +20,12 @@ def warmup(dtype=np.float32):
     x = TensorNode(np.linspace(-1, 1, 12, dtype=dtype).reshape(3, 4))
     targets = np.array([0, 1, 1])
     model = MLP(4, 2, hidden=5, activation='relu', dtype=dtype, rng=0)
+    pixels = np.zeros((16, 256), dtype=dtype)  # big and sparse enough for the sparse-input kernels
+    pixels[:, ::10] = 1
+    sparse_layer = Linear(256, 2, dtype=dtype, rng=0)
     losses = [F.cross_entropy(model(x), targets),
+              F.cross_entropy(sparse_layer(TensorNode(pixels, requires_grad=False), activation='relu'),
+                              np.zeros(16, dtype=np.int64)),
               F.logceloss(F.logsoftmax(x), targets), F.celoss(F.softmax(x), targets),
               (F.sigmoid(x) + F.relu(x) + F.tanh(x)).sum(),
               (MatrixMultiply.do_forward(x, x.T) + BatchMM.do_forward(x, x)).sum()]

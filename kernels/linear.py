@@ -33,19 +33,14 @@ def matmul(a, b):
 
 
 @kernel
-def _bias_relu_inplace(y, b, relu):
+def affine(x, wt, b, relu):
+    """x (n, in), wt (in, out), b (out,) -> x @ wt + b, shape (n, out), with relu fused into the bias loop."""
+    y = x @ wt
     n, m = y.shape
     for i in range(n):
         for j in range(m):
             v = y[i, j] + b[j]
             y[i, j] = v if (v > 0 or not relu) else v * 0
-
-
-@kernel
-def affine(x, wt, b, relu):
-    """x (n, in), wt (in, out), b (out,) -> x @ wt + b, shape (n, out), with relu fused into the bias loop."""
-    y = x @ wt
-    _bias_relu_inplace(y, b, relu)
     return y
 
 

@@ -106,3 +106,83 @@ def test_optimizer_skips_parameters_without_gradient():
     np.testing.assert_array_equal(b.value, [1.0, 1.0])
     opt.zero_grad()
     assert not a.grad.any()
+
+
+def test_linear_weight_layout_is_an_implementation_detail():
+    """w is (out, in) as in vugrad and torch, stored column-major; a C-ordered w a user assigns gives the
+    same outputs and gradients."""
+    lin = fg.Linear(5, 3, dtype=np.float64, rng=0)
+    assert lin.w.shape == (3, 5) and lin.w.value.flags.f_contiguous
+    x = np.random.default_rng(1).standard_normal((4, 5))
+
+    def grads(layer):
+        xn = TensorNode(x)
+        layer(xn, activation='tanh').sum().backward()
+        return xn.grad, layer.w.grad, layer.b.grad
+
+    other = fg.Linear(5, 3, dtype=np.float64)
+    other.w.value = np.ascontiguousarray(lin.w.value)
+    assert other.w.value.flags.c_contiguous and not other.w.value.flags.f_contiguous
+    for got, want in zip(grads(other), grads(lin)):
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+
+
+@pytest.mark.parametrize('make', [lambda p: fg.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+                                  lambda p: fg.Adam(p, lr=0.01, weight_decay=0.1)])
+def test_optimizers_update_any_memory_layout_alike(make):
+    rng = np.random.default_rng(0)
+    value = rng.standard_normal((3, 4))
+    grads = [rng.standard_normal((3, 4)) for _ in range(3)]
+    layouts = [TensorNode(np.array(value, order='C')), TensorNode(np.array(value, order='F'))]
+    for p in layouts:
+        opt = make([p])
+        for g in grads:  # the gradient in the other layout half of the time
+            p.grad = np.asfortranarray(g) if p.value.flags.c_contiguous else np.ascontiguousarray(g)
+            opt.step()
+    np.testing.assert_allclose(layouts[0].value, layouts[1].value, rtol=1e-14)
+    assert layouts[1].value.flags.f_contiguous
+    with pytest.raises(ValueError, match='parameter 0 must be a writeable contiguous array'):
+        strided = TensorNode(np.ones((4, 4)))
+        strided.value = strided.value[:, ::2]
+        strided.grad = np.ones((4, 2))
+        fg.SGD([strided], lr=0.1).step()
+
+
+def test_optimizer_loads_flat_buffers_of_older_checkpoints():
+    """Checkpoints written before the weights went column-major kept flat momentum buffers in C order."""
+    rng = np.random.default_rng(0)
+    w = TensorNode(np.asfortranarray(rng.standard_normal((3, 4))))
+    buf = rng.standard_normal((3, 4))
+    opt = fg.SGD([w], lr=0.1, momentum=0.9)
+    opt.load_state_dict({'lr': 0.1, 'momentum': 0.9, 'nesterov': False, 'weight_decay': 0.0,
+                         'momentum_buffer.0': buf.reshape(-1)})
+    before = w.value.copy()
+    w.grad = np.ones((3, 4))
+    opt.step()
+    np.testing.assert_allclose(w.value, before - 0.1 * (0.9 * buf + 1), rtol=1e-14)
+    np.testing.assert_allclose(opt.state_dict()['momentum_buffer.0'], 0.9 * buf + 1, rtol=1e-14)
+
+
+@pytest.mark.parametrize('activation', ['relu', 'sigmoid'])
+def test_sparse_input_path_gives_the_dense_gradients(activation, monkeypatch):
+    """An MLP on a mostly-zero batch (as MNIST) takes the sparse kernels; its loss and gradients equal the
+    dense kernels' in float64."""
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 200))
+    x[x < 0.85] = 0
+    targets = rng.integers(0, 10, 64)
+    seen = []
+    find = fg.ops.kernels.find_nonzeros
+    monkeypatch.setattr(fg.ops.kernels, 'find_nonzeros', lambda a: seen.append(find(a)) or seen[-1])
+
+    def run():
+        mlp = fg.MLP(200, 10, hidden=[32, 16], activation=activation, dtype=np.float64, rng=0)
+        loss = fg.cross_entropy(mlp(TensorNode(x, requires_grad=False)), targets)
+        loss.backward()
+        return [loss.value] + [p.grad for p in mlp.parameters()]
+
+    sparse = run()
+    assert len(seen) == 1 and seen[0] is not None  # the first layer only: the others' inputs need gradients
+    monkeypatch.setattr(fg.ops.kernels, 'find_nonzeros', lambda a: None)
+    for got, want in zip(sparse, run()):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)

@@ -9,10 +9,13 @@ import kernels
 
 _rng = np.random.default_rng(0)
 X = _rng.random((128, 784), dtype=np.float32)
+X_SPARSE = np.where(_rng.random(X.shape) < 0.19, X, 0).astype(np.float32)  # MNIST's share of nonzero pixels
 W = (_rng.standard_normal((300, 784)) * 0.05).astype(np.float32)
-W_T = np.ascontiguousarray(W.T)
+W_T = np.ascontiguousarray(W.T)  # (in, out): what fastgrad's column-major w gives without a copy
 B = np.zeros(300, np.float32)
-Y = kernels.linear_forward(X, W, B, kernels.RELU)
+Y = kernels.linear_forward(X, W_T, B, kernels.RELU)
+NONZEROS = kernels.find_nonzeros(X_SPARSE)
+Y_SPARSE = kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, NONZEROS)
 G = _rng.standard_normal((128, 300)).astype(np.float32)
 LOGITS = (_rng.standard_normal((128, 10)) * 3).astype(np.float32)
 TARGETS = _rng.integers(0, 10, 128)
@@ -21,7 +24,8 @@ P = W.reshape(-1).copy()
 GRAD = (_rng.standard_normal(P.size) * 1e-3).astype(np.float32)
 BUF, M, V = np.zeros_like(P), np.zeros_like(P), np.zeros_like(P)
 F32 = np.float32
-kernels.linear_backward(X, W, Y, G, kernels.RELU, False)
+kernels.linear_backward(X, W_T, Y, G, kernels.RELU, False)
+kernels.linear_backward(X_SPARSE, W_T, Y_SPARSE, G, kernels.RELU, False, NONZEROS)
 kernels.cross_entropy_backward(PROBS, TARGETS, 1 / 128)
 kernels.sgd_step(P.copy(), GRAD, BUF.copy(), F32(0.01), F32(0.9), F32(0), False)
 ADAM = (F32(1e-3 / (1 - 0.9 ** 10)), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(1 / np.sqrt(1 - 0.999 ** 10)))
@@ -29,7 +33,7 @@ kernels.adam_step(P.copy(), GRAD, M.copy(), V.copy(), *ADAM)
 
 
 def time_linear_relu_forward_fastgrad():
-    kernels.linear_forward(X, W, B, kernels.RELU)
+    kernels.linear_forward(X, W_T, B, kernels.RELU)
 
 
 def time_linear_relu_forward_numpy():
@@ -37,12 +41,21 @@ def time_linear_relu_forward_numpy():
 
 
 def time_linear_relu_backward_fastgrad():
-    kernels.linear_backward(X, W, Y, G, kernels.RELU, False)
+    kernels.linear_backward(X, W_T, Y, G, kernels.RELU, False)
 
 
 def time_linear_relu_backward_numpy():
     gz = G * (Y > 0)
     X.T @ gz, gz.sum(axis=0)
+
+
+def time_sparse_input_linear_relu_forward_fastgrad():
+    """Finding the nonzeros included: what the first layer pays for an MNIST-like batch."""
+    kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, kernels.find_nonzeros(X_SPARSE))
+
+
+def time_sparse_input_linear_relu_backward_fastgrad():
+    kernels.linear_backward(X_SPARSE, W_T, Y_SPARSE, G, kernels.RELU, False, NONZEROS)
 
 
 def time_cross_entropy_forward_fastgrad():
