@@ -3,6 +3,8 @@ import time
 
 import numpy as np
 
+import kernels
+
 from . import functions as F
 from .core import TensorNode
 from .modules import MLP, Linear
@@ -16,6 +18,7 @@ def warmup(dtype=np.float32):
     Returns the seconds it took: a cold compile the first time on a machine, a cache load after that.
     """
     start = time.perf_counter()
+    blas_threads = [lib.num_threads for lib in kernels.scipy_blas()]  # the sparse path below sets them to 1
     dtype = np.dtype(dtype)
     x = TensorNode(np.linspace(-1, 1, 12, dtype=dtype).reshape(3, 4))
     targets = np.array([0, 1, 1])
@@ -34,4 +37,6 @@ def warmup(dtype=np.float32):
     for optimizer in (SGD(model.parameters(), lr=0.1), SGD(model.parameters(), lr=0.1, momentum=0.9),
                       SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), Adam(model.parameters())):
         optimizer.step()
+    for lib, threads in zip(kernels.scipy_blas(), blas_threads):
+        lib.set_num_threads(threads)
     return time.perf_counter() - start

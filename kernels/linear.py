@@ -4,8 +4,9 @@ fastgrad's Linear stores w (out, in) column-major, so w.T is that array without 
 weight gradient x.T @ gz (784x300: 490-510 us against 577-592 us for gz.T @ x) are BLAS calls without a
 transposed output.
 
-Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS), evaluation included:
-mixing it with numpy's own BLAS in one loop makes the two thread pools fight (see DESIGN.md).
+Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS; see blas.py for its
+threads), evaluation included: mixing it with numpy's own BLAS in one loop makes the
+two thread pools fight (see DESIGN.md).
 
 Sparse inputs (MNIST pixels are 81 % zeros) take another path when the input needs no gradient: the
 nonzeros of each row are found once, the forward adds up only the weight rows they select, and the weight
@@ -16,6 +17,7 @@ import numpy as np
 from numba import prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
+from .blas import limit_scipy_blas, matmul, matmul_tn
 from .jit import kernel, parallel_kernel
 
 # Measured on 2 cores (batch 128, 784 -> 300): sparse forward + weight gradient beat the dense pair up to
@@ -27,21 +29,13 @@ SAMPLE_ROWS = 16
 
 
 @kernel
-def matmul(a, b):
-    """a @ b for two C-contiguous 2-D arrays of one dtype."""
-    return a @ b
-
-
-@kernel
-def affine(x, wt, b, relu):
-    """x (n, in), wt (in, out), b (out,) -> x @ wt + b, shape (n, out), with relu fused into the bias loop."""
-    y = x @ wt
+def bias_act_inplace(y, b, relu):
+    """y += b (per column), then relu in place when asked."""
     n, m = y.shape
     for i in range(n):
         for j in range(m):
             v = y[i, j] + b[j]
             y[i, j] = v if (v > 0 or not relu) else v * 0
-    return y
 
 
 @parallel_kernel
@@ -141,6 +135,7 @@ def find_nonzeros(x):
     A sample of rows is counted first, so dense inputs pay about a microsecond, not a full scan."""
     if x.size < SPARSE_MIN_SIZE or np.count_nonzero(x[:SAMPLE_ROWS]) > 2 * SPARSE_MAX_DENSITY * x[:SAMPLE_ROWS].size:
         return None
+    limit_scipy_blas()  # numba's threads are about to run: OpenBLAS's must not spin against them (blas.py)
     cols, count = row_nonzeros(x)
     return (cols, count) if count.sum() <= SPARSE_MAX_DENSITY * x.size else None
 
@@ -149,14 +144,19 @@ def linear_forward(x, wt, b, code, nonzeros=None):
     """act(x @ wt + b): one numba kernel (the sparse one when `nonzeros` from find_nonzeros is given), then
     sigmoid/tanh in place on numpy's SIMD ufuncs."""
     relu = code == RELU
-    y = affine(x, wt, b, relu) if nonzeros is None else sparse_affine(x, *nonzeros, wt, b, relu)
+    if nonzeros is None:
+        y = matmul(x, wt)
+        bias_act_inplace(y, b, relu)
+    else:
+        y = sparse_affine(x, *nonzeros, wt, b, relu)
     return y if code in (IDENTITY, RELU) else activate_inplace(y, code)
 
 
 @kernel
-def _linear_backward(x, wt, y, g, code, need_gx, need_gw):
+def act_bias_grad(y, g, code):
+    """gz = g * act'(from y) and gb = gz summed over rows (accumulated in float64)."""
     n, m = g.shape
-    gb = np.zeros(m)  # float64 accumulator
+    gb = np.zeros(m)
     if code == IDENTITY:
         gz = g
         for i in range(n):
@@ -169,19 +169,17 @@ def _linear_backward(x, wt, y, g, code, need_gx, need_gw):
                 v = g[i, j] * act_derivative(y[i, j], code)
                 gz[i, j] = v
                 gb[j] += v
-    gwt = x.T @ gz if need_gw else g[:0, :0].copy()
-    gx = gz @ wt.T if need_gx else g[:0, :0].copy()
     gb_out = np.empty_like(g[0])
     gb_out[:] = gb
-    return gx, gwt, gb_out, gz
+    return gz, gb_out
 
 
 def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
-    """From g = dL/dy: returns (gx or an empty array, gwt = dL/dwt (in, out), gb (out,)).
+    """From g = dL/dy: returns (gx or None, gwt = dL/dwt (in, out), gb (out,)).
 
     The activation derivative is taken from the saved output y and fused with the bias sum; with the
     `nonzeros` the forward used, the weight gradient sums over them only."""
-    gx, gwt, gb, gz = _linear_backward(x, wt, y, g, code, need_gx, nonzeros is None)
-    if nonzeros is not None:
-        gwt = sparse_weight_grad(x, *nonzeros, gz)
+    gz, gb = act_bias_grad(y, g, code)
+    gwt = matmul_tn(x, gz) if nonzeros is None else sparse_weight_grad(x, *nonzeros, gz)
+    gx = matmul(gz, wt.T) if need_gx else None
     return gx, gwt, gb

@@ -44,7 +44,7 @@ def check_linear(x, wt, b, g, name, nonzeros=None):
         assert got.dtype == dtype and got.shape == want.shape
         np.testing.assert_allclose(got, want, **tol)
     gx_skipped, _, _ = kernels.linear_backward(x, wt, y, g, code, False, nonzeros)
-    assert gx_skipped.size == 0
+    assert gx_skipped is None
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -233,3 +233,29 @@ def test_warmup_compiles_every_kernel():
     run = subprocess.run([sys.executable, '-c', WARMUP_CHECK], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert fg.warmup(np.float64) >= 0
+
+
+BLAS_THREADS_CHECK = """
+import numpy as np, fastgrad, kernels
+from threadpoolctl import threadpool_info
+
+def threads():
+    return {i['filepath']: i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}
+
+scipy_libs = [lib.filepath for lib in kernels.scipy_blas()]
+assert scipy_libs, threadpool_info()
+before = threads()
+fastgrad.warmup()
+assert threads() == before, (before, threads())  # warmup leaves the thread counts as it found them
+x = np.zeros((128, 784), np.float32)
+x[:, ::7] = 1
+assert kernels.find_nonzeros(x) is not None
+after = threads()
+assert all(after[f] == 1 for f in scipy_libs), after
+assert all(after[f] == n for f, n in before.items() if f not in scipy_libs), (before, after)  # numpy's
+"""
+
+
+def test_sparse_path_takes_scipys_blas_to_one_thread_and_leaves_numpys():
+    run = subprocess.run([sys.executable, '-c', BLAS_THREADS_CHECK], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
