@@ -168,8 +168,8 @@ class Linear(Op):
         wt = np.ascontiguousarray(_floating(w).T)
         x = np.ascontiguousarray(x, dtype=wt.dtype)
         code = kernels.ACTIVATION_CODES[activation]
-        nonzeros = None if context['needs_input_grad'][0] else kernels.find_nonzeros(x)
-        y = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=wt.dtype).reshape(-1), code, nonzeros)
+        sparse = not context['needs_input_grad'][0] and kernels.sparse_enough(x)
+        y, nonzeros = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=wt.dtype).reshape(-1), code, sparse)
         context.update(x=x, wt=wt, y=y, code=code, bshape=b.shape, nonzeros=nonzeros)
         return y
 

@@ -14,7 +14,7 @@ gradient sums only over them. A zero input then contributes exactly nothing, als
 (as in torch.sparse), where the dense product would give nan.
 """
 import numpy as np
-from numba import prange
+from numba import get_num_threads, prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
 from .blas import limit_scipy_blas, matmul, matmul_tn
@@ -38,32 +38,41 @@ def bias_act_inplace(y, b, relu):
             y[i, j] = v if (v > 0 or not relu) else v * 0
 
 
-@parallel_kernel
-def row_nonzeros(x):
-    """cols[i, :count[i]] = the columns where row i of x is nonzero (NaN counts as nonzero), in order."""
-    n, m = x.shape
-    cols = np.empty((n, m), np.int32)
-    count = np.empty(n, np.int64)
-    for i in prange(n):
-        c = 0
-        for j in range(m):  # branch-free: write the index always, advance only past a nonzero
-            cols[i, c] = j
+@kernel
+def _nonzero_share(x, rows):
+    c = 0
+    for i in range(rows):
+        for j in range(x.shape[1]):
             c += x[i, j] != 0
-        count[i] = c
-    return cols, count
+    return c / (rows * x.shape[1])
+
+
+def sparse_enough(x):
+    """Whether the sparse kernels should take x (n, in): big enough, and at most SPARSE_MAX_DENSITY of its
+    first SAMPLE_ROWS rows nonzero (a shuffled batch's first rows speak for it; a batch that is denser
+    than its sample is still computed right, only slower)."""
+    return x.size >= SPARSE_MIN_SIZE and _nonzero_share(x, min(SAMPLE_ROWS, x.shape[0])) <= SPARSE_MAX_DENSITY
 
 
 @parallel_kernel
-def sparse_affine(x, cols, count, wt, b, relu):
-    """x @ wt + b (relu fused) adding only the rows of wt that row i's nonzeros select.
+def sparse_affine(x, wt, b, relu):
+    """x @ wt + b (relu fused) adding only the rows of wt that row i's nonzeros select; returns y and the
+    nonzeros it found, cols[i, :count[i]] (the columns where row i is nonzero, NaN included, in order).
 
     Four nonzeros per pass over the output row, so each 8-float block of it is loaded and stored once
     for four weight rows."""
-    n = x.shape[0]
+    n, n_in = x.shape
     m = wt.shape[1]
     y = np.empty((n, m), wt.dtype)
+    cols = np.empty((n, n_in), np.int32)
+    count = np.empty(n, np.int64)
     for i in prange(n):
-        yi, xi, ci, c = y[i], x[i], cols[i], count[i]
+        yi, xi, ci = y[i], x[i], cols[i]
+        c = 0
+        for j in range(n_in):  # branch-free: write the index always, advance only past a nonzero
+            ci[c] = j
+            c += xi[j] != 0
+        count[i] = c
         for k in range(m):
             yi[k] = b[k]
         p = 0
@@ -82,74 +91,67 @@ def sparse_affine(x, cols, count, wt, b, relu):
             for k in range(m):
                 v = yi[k]
                 yi[k] = v if v > 0 else v * 0
-    return y
-
-
-@kernel
-def _column_nonzeros(cols, count, n_in):
-    """The transpose of row_nonzeros' pattern: rows[j, :rcount[j]] = the rows whose column j is nonzero."""
-    n = count.shape[0]
-    rows = np.empty((n_in, n), np.int32)
-    rcount = np.zeros(n_in, np.int64)
-    for i in range(n):
-        for p in range(count[i]):
-            j = cols[i, p]
-            rows[j, rcount[j]] = i
-            rcount[j] += 1
-    return rows, rcount
+    return y, cols, count
 
 
 @parallel_kernel
-def _sparse_weight_grad(x, rows, rcount, gz):
-    n_in = x.shape[1]
+def sparse_weight_grad(x, cols, count, gz, parts):
+    """x.T @ gz, (in, out), summing only over the nonzeros of x that sparse_affine found.
+
+    The input features are split into `parts` blocks, one per thread (threads never write the same weight
+    row); each block first lists, per feature, the rows where it is nonzero, then sums four of them at a
+    time. (numba's get_num_threads inside the kernel would stop numba from caching it.)"""
+    n, n_in = x.shape
     m = gz.shape[1]
     gwt = np.empty((n_in, m), gz.dtype)
-    for j in prange(n_in):  # one weight row per input feature: threads never write the same row
-        gj, rj, c = gwt[j], rows[j], rcount[j]
-        for k in range(m):
-            gj[k] = 0
-        p = 0
-        while p + 4 <= c:
-            i0, i1, i2, i3 = rj[p], rj[p + 1], rj[p + 2], rj[p + 3]
-            v0, v1, v2, v3 = x[i0, j], x[i1, j], x[i2, j], x[i3, j]
-            r0, r1, r2, r3 = gz[i0], gz[i1], gz[i2], gz[i3]
+    parts = min(n_in, parts)
+    for t in prange(parts):
+        j0, j1 = n_in * t // parts, n_in * (t + 1) // parts
+        rows = np.empty((j1 - j0, n), np.int32)
+        rcount = np.zeros(j1 - j0, np.int64)
+        for i in range(n):
+            ci, c = cols[i], count[i]
+            p = 0
+            while p < c and ci[p] < j0:  # cols are in order
+                p += 1
+            while p < c and ci[p] < j1:
+                j = ci[p] - j0
+                rows[j, rcount[j]] = i
+                rcount[j] += 1
+                p += 1
+        for j in range(j0, j1):
+            gj, rj, c = gwt[j], rows[j - j0], rcount[j - j0]
             for k in range(m):
-                gj[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
-            p += 4
-        for q in range(p, c):
-            v, r = x[rj[q], j], gz[rj[q]]
-            for k in range(m):
-                gj[k] += v * r[k]
+                gj[k] = 0
+            p = 0
+            while p + 4 <= c:
+                i0, i1, i2, i3 = rj[p], rj[p + 1], rj[p + 2], rj[p + 3]
+                v0, v1, v2, v3 = x[i0, j], x[i1, j], x[i2, j], x[i3, j]
+                r0, r1, r2, r3 = gz[i0], gz[i1], gz[i2], gz[i3]
+                for k in range(m):
+                    gj[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
+                p += 4
+            for q in range(p, c):
+                v, r = x[rj[q], j], gz[rj[q]]
+                for k in range(m):
+                    gj[k] += v * r[k]
     return gwt
 
 
-def sparse_weight_grad(x, cols, count, gz):
-    """x.T @ gz, (in, out), summing only over the nonzeros of x found by row_nonzeros."""
-    rows, rcount = _column_nonzeros(cols, count, x.shape[1])
-    return _sparse_weight_grad(x, rows, rcount, gz)
-
-
-def find_nonzeros(x):
-    """row_nonzeros(x) when x is big and sparse enough for the sparse kernels to win, else None.
-
-    A sample of rows is counted first, so dense inputs pay about a microsecond, not a full scan."""
-    if x.size < SPARSE_MIN_SIZE or np.count_nonzero(x[:SAMPLE_ROWS]) > 2 * SPARSE_MAX_DENSITY * x[:SAMPLE_ROWS].size:
-        return None
-    limit_scipy_blas()  # numba's threads are about to run: OpenBLAS's must not spin against them (blas.py)
-    cols, count = row_nonzeros(x)
-    return (cols, count) if count.sum() <= SPARSE_MAX_DENSITY * x.size else None
-
-
-def linear_forward(x, wt, b, code, nonzeros=None):
-    """act(x @ wt + b): one numba kernel (the sparse one when `nonzeros` from find_nonzeros is given), then
-    sigmoid/tanh in place on numpy's SIMD ufuncs."""
+def linear_forward(x, wt, b, code, sparse=False):
+    """act(x @ wt + b) -> (y, nonzeros): one numba kernel, the sparse one when asked (see sparse_enough),
+    then sigmoid/tanh in place on numpy's SIMD ufuncs. nonzeros (None on the dense path) is what
+    linear_backward needs to take the sparse path too."""
     relu = code == RELU
-    if nonzeros is None:
+    if sparse:
+        limit_scipy_blas()  # numba's threads are about to run: OpenBLAS's must not spin against them (blas.py)
+        y, cols, count = sparse_affine(x, wt, b, relu)
+        nonzeros = cols, count
+    else:
         y = matmul(x, wt)
         bias_act_inplace(y, b, relu)
-    else:
-        y = sparse_affine(x, *nonzeros, wt, b, relu)
-    return y if code in (IDENTITY, RELU) else activate_inplace(y, code)
+        nonzeros = None
+    return (y if code in (IDENTITY, RELU) else activate_inplace(y, code)), nonzeros
 
 
 @kernel
@@ -180,6 +182,6 @@ def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
     The activation derivative is taken from the saved output y and fused with the bias sum; with the
     `nonzeros` the forward used, the weight gradient sums over them only."""
     gz, gb = act_bias_grad(y, g, code)
-    gwt = matmul_tn(x, gz) if nonzeros is None else sparse_weight_grad(x, *nonzeros, gz)
+    gwt = matmul_tn(x, gz) if nonzeros is None else sparse_weight_grad(x, *nonzeros, gz, get_num_threads())
     gx = matmul(gz, wt.T) if need_gx else None
     return gx, gwt, gb

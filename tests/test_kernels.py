@@ -28,12 +28,12 @@ def log_softmax_ref(x):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def check_linear(x, wt, b, g, name, nonzeros=None):
-    """linear_forward/backward (dense, or sparse with the given nonzeros) against numpy in float64."""
+def check_linear(x, wt, b, g, name, sparse=False):
+    """linear_forward/backward (dense, or the sparse kernels) against numpy in float64."""
     dtype = x.dtype.type
     tol = dict(TOL[dtype], atol=TOL[dtype]['atol'] * max(x.shape))  # sums of up to 784 products
     code = kernels.ACTIVATION_CODES[name]
-    y = kernels.linear_forward(x, wt, b, code, nonzeros)
+    y, nonzeros = kernels.linear_forward(x, wt, b, code, sparse)
     x64, wt64 = x.astype(np.float64), wt.astype(np.float64)
     ref = ACT[name](x64 @ wt64 + b)
     assert y.dtype == dtype and y.shape == ref.shape
@@ -45,6 +45,7 @@ def check_linear(x, wt, b, g, name, nonzeros=None):
         np.testing.assert_allclose(got, want, **tol)
     gx_skipped, _, _ = kernels.linear_backward(x, wt, y, g, code, False, nonzeros)
     assert gx_skipped is None
+    return nonzeros
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -71,21 +72,19 @@ def test_sparse_linear_matches_numpy(dtype, shape, density, name):
     n, k = shape
     m = 300 if k == 784 else k + 5
     x = sparse_data(shape, dtype, density, 11)
-    nonzeros = kernels.linear.row_nonzeros(x)
-    cols, count = nonzeros
+    cols, count = check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, True)
     for i in range(n):
         np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
-    check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, nonzeros)
 
 
-def test_find_nonzeros_picks_the_sparse_path_only_where_it_wins():
-    assert kernels.find_nonzeros(sparse_data((128, 784), np.float32, 0.19, 0)) is not None  # MNIST-like
-    assert kernels.find_nonzeros(sparse_data((128, 784), np.float32, 0.6, 0)) is None  # too dense
-    assert kernels.find_nonzeros(sparse_data((4, 8), np.float32, 0.1, 0)) is None  # too small to pay
-    # sparse first rows (the sample) but a dense batch: the full count decides
+def test_sparse_enough_picks_the_sparse_path_only_where_it_wins():
+    assert kernels.sparse_enough(sparse_data((128, 784), np.float32, 0.19, 0))  # MNIST-like
+    assert not kernels.sparse_enough(sparse_data((128, 784), np.float32, 0.6, 0))  # too dense
+    assert not kernels.sparse_enough(sparse_data((4, 8), np.float32, 0.1, 0))  # too small to pay
     x = sparse_data((128, 784), np.float32, 0.05, 0)
-    x[16:] = 1
-    assert kernels.find_nonzeros(x) is None
+    x[:16] = 1  # the sample decides
+    assert not kernels.sparse_enough(x)
+    assert kernels.sparse_enough(x[16:])
 
 
 def test_sparse_input_skips_nan_weights_it_never_meets():
@@ -94,7 +93,7 @@ def test_sparse_input_skips_nan_weights_it_never_meets():
     x[0, 0], x[1, 1] = 1, np.nan
     wt = np.ones((3, 2), np.float32)
     wt[2] = np.nan
-    y = kernels.linear_forward(x, wt, np.zeros(2, np.float32), kernels.IDENTITY, kernels.linear.row_nonzeros(x))
+    y, _ = kernels.linear_forward(x, wt, np.zeros(2, np.float32), kernels.IDENTITY, True)
     np.testing.assert_array_equal(y[0], [1, 1])
     assert np.isnan(y[1]).all()
 
@@ -249,7 +248,7 @@ fastgrad.warmup()
 assert threads() == before, (before, threads())  # warmup leaves the thread counts as it found them
 x = np.zeros((128, 784), np.float32)
 x[:, ::7] = 1
-assert kernels.find_nonzeros(x) is not None
+kernels.linear_forward(x, np.ones((784, 3), np.float32), np.zeros(3, np.float32), kernels.RELU, True)
 after = threads()
 assert all(after[f] == 1 for f in scipy_libs), after
 assert all(after[f] == n for f, n in before.items() if f not in scipy_libs), (before, after)  # numpy's

@@ -13,9 +13,8 @@ X_SPARSE = np.where(_rng.random(X.shape) < 0.19, X, 0).astype(np.float32)  # MNI
 W = (_rng.standard_normal((300, 784)) * 0.05).astype(np.float32)
 W_T = np.ascontiguousarray(W.T)  # (in, out): what fastgrad's column-major w gives without a copy
 B = np.zeros(300, np.float32)
-Y = kernels.linear_forward(X, W_T, B, kernels.RELU)
-NONZEROS = kernels.find_nonzeros(X_SPARSE)
-Y_SPARSE = kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, NONZEROS)
+Y, _ = kernels.linear_forward(X, W_T, B, kernels.RELU)
+Y_SPARSE, NONZEROS = kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, True)
 G = _rng.standard_normal((128, 300)).astype(np.float32)
 LOGITS = (_rng.standard_normal((128, 10)) * 3).astype(np.float32)
 TARGETS = _rng.integers(0, 10, 128)
@@ -50,8 +49,8 @@ def time_linear_relu_backward_numpy():
 
 
 def time_sparse_input_linear_relu_forward_fastgrad():
-    """Finding the nonzeros included: what the first layer pays for an MNIST-like batch."""
-    kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, kernels.find_nonzeros(X_SPARSE))
+    """Deciding and finding the nonzeros included: what the first layer pays for an MNIST-like batch."""
+    kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, kernels.sparse_enough(X_SPARSE))
 
 
 def time_sparse_input_linear_relu_backward_fastgrad():
