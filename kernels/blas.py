@@ -20,12 +20,6 @@ def matmul(a, b):
     return a @ b
 
 
-@kernel
-def matmul_tn(a, b):
-    """a.T @ b for C-contiguous a (n, k) and b (n, m): the weight gradient's shape (k, m)."""
-    return a.T @ b
-
-
 _scipy_blas = None
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from numba import get_num_threads, prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
-from .blas import limit_scipy_blas, matmul, matmul_tn
+from .blas import limit_scipy_blas, matmul
 from .jit import kernel, parallel_kernel
 
 # Measured on 2 cores (batch 128, 784 -> 300): sparse forward + weight gradient beat the dense pair up to
@@ -29,13 +29,15 @@ SAMPLE_ROWS = 16
 
 
 @kernel
-def bias_act_inplace(y, b, relu):
-    """y += b (per column), then relu in place when asked."""
+def affine(x, wt, b, relu):
+    """x (n, in), wt (in, out), b (out,) -> x @ wt + b, shape (n, out), with relu fused into the bias loop."""
+    y = x @ wt
     n, m = y.shape
     for i in range(n):
         for j in range(m):
             v = y[i, j] + b[j]
             y[i, j] = v if (v > 0 or not relu) else v * 0
+    return y
 
 
 @kernel
@@ -148,9 +150,7 @@ def linear_forward(x, wt, b, code, sparse=False):
         y, cols, count = sparse_affine(x, wt, b, relu)
         nonzeros = cols, count
     else:
-        y = matmul(x, wt)
-        bias_act_inplace(y, b, relu)
-        nonzeros = None
+        y, nonzeros = affine(x, wt, b, relu), None
     return (y if code in (IDENTITY, RELU) else activate_inplace(y, code)), nonzeros
 
 
@@ -176,12 +176,22 @@ def act_bias_grad(y, g, code):
     return gz, gb_out
 
 
+@kernel
+def dense_backward(x, wt, y, g, code, need_gx):
+    """act_bias_grad, then gwt = x.T @ gz and (when need_gx, else an empty array) gx = gz @ wt.T."""
+    gz, gb = act_bias_grad(y, g, code)
+    gx = gz @ wt.T if need_gx else g[:0, :0].copy()
+    return gx, x.T @ gz, gb
+
+
 def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
     """From g = dL/dy: returns (gx or None, gwt = dL/dwt (in, out), gb (out,)).
 
     The activation derivative is taken from the saved output y and fused with the bias sum; with the
     `nonzeros` the forward used, the weight gradient sums over them only."""
+    if nonzeros is None:
+        gx, gwt, gb = dense_backward(x, wt, y, g, code, need_gx)
+        return (gx if need_gx else None), gwt, gb
     gz, gb = act_bias_grad(y, g, code)
-    gwt = matmul_tn(x, gz) if nonzeros is None else sparse_weight_grad(x, *nonzeros, gz, get_num_threads())
-    gx = matmul(gz, wt.T) if need_gx else None
-    return gx, gwt, gb
+    gwt = sparse_weight_grad(x, *nonzeros, gz, get_num_threads())
+    return (matmul(gz, wt.T) if need_gx else None), gwt, gb
