@@ -4,9 +4,8 @@ fastgrad's Linear stores w (out, in) column-major, so w.T is that array without 
 weight gradient x.T @ gz (784x300: 490-510 us against 577-592 us for gz.T @ x) are BLAS calls without a
 transposed output.
 
-Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS; see blas.py for its
-threads), evaluation included: mixing it with numpy's own BLAS in one loop makes the
-two thread pools fight (see DESIGN.md).
+Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS; blas.py says who owns the
+threads), evaluation included: mixing it with numpy's own BLAS in one loop makes the two pools fight.
 
 Sparse inputs (MNIST pixels are 81 % zeros) take another path when the input needs no gradient: the
 nonzeros of each row are found once, the forward adds up only the weight rows they select, and the weight
