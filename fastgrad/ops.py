@@ -152,7 +152,7 @@ class BatchMM(Op):
 class Linear(Op):
     """act(x @ w.T + b), fused: x (n, in), w (out, in), b (out,) or (1, out); activation is one of
     None/'identity', 'relu', 'sigmoid', 'tanh'. x is cast to w's dtype (its gradient is cast back).
-    Backward returns (dL/dx, dL/dw, dL/db) from one kernel call, skipping dL/dx when x needs none.
+    Backward returns (dL/dx, dL/dw, dL/db) from the same kernels' backward, skipping dL/dx when x needs none.
 
     The kernels read w.T row by row: fastgrad's Linear stores w column-major so that w.T needs no copy
     (any other layout works, copied once per call). An input that needs no gradient (the data) takes the
@@ -169,7 +169,8 @@ class Linear(Op):
         x = np.ascontiguousarray(x, dtype=wt.dtype)
         code = kernels.ACTIVATION_CODES[activation]
         sparse = not context['needs_input_grad'][0] and kernels.sparse_enough(x)
-        y, nonzeros = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=wt.dtype).reshape(-1), code, sparse)
+        y, nonzeros = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=wt.dtype).reshape(-1), code,
+                                             sparse)
         context.update(x=x, wt=wt, y=y, code=code, bshape=b.shape, nonzeros=nonzeros)
         return y
 
