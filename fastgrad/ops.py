@@ -180,7 +180,7 @@ class Linear(Op):
         gx, gwt, gb = kernels.linear_backward(context['x'], context['wt'], context['y'],
                                               np.ascontiguousarray(go, dtype=context['y'].dtype),
                                               context['code'], need_x, context['nonzeros'])
-        return (gx if need_x else None), (gwt.T if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
+        return gx, (gwt.T if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
 
 
 # -- reductions and shapes

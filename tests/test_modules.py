@@ -136,7 +136,7 @@ def test_optimizers_update_any_memory_layout_alike(make):
     layouts = [TensorNode(np.array(value, order='C')), TensorNode(np.array(value, order='F'))]
     for p in layouts:
         opt = make([p])
-        for g in grads:  # the gradient in the other layout half of the time
+        for g in grads:  # the gradient always in the other layout than the parameter
             p.grad = np.asfortranarray(g) if p.value.flags.c_contiguous else np.ascontiguousarray(g)
             opt.step()
     np.testing.assert_allclose(layouts[0].value, layouts[1].value, rtol=1e-14)
