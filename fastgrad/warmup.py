@@ -25,7 +25,8 @@ def warmup(dtype=np.float32):
     model = MLP(4, 2, hidden=5, activation='relu', dtype=dtype, rng=0)
     pixels = np.zeros((16, 256), dtype=dtype)  # big and sparse enough for the sparse-input kernels
     pixels[:, ::10] = 1
-    sparse_layer = Linear(256, 2, dtype=dtype, rng=0)
+    # and a weight big enough for the threaded optimizer updates (which run once the sparse path has run)
+    sparse_layer = Linear(256, kernels.optim.PARALLEL_MIN_SIZE // 256, dtype=dtype, rng=0)
     losses = [F.cross_entropy(model(x), targets),
               F.cross_entropy(sparse_layer(TensorNode(pixels, requires_grad=False), activation='relu'),
                               np.zeros(16, dtype=np.int64)),
@@ -34,8 +35,9 @@ def warmup(dtype=np.float32):
               (MatrixMultiply.do_forward(x, x.T) + BatchMM.do_forward(x, x)).sum()]
     for loss in losses:
         loss.backward()
-    for optimizer in (SGD(model.parameters(), lr=0.1), SGD(model.parameters(), lr=0.1, momentum=0.9),
-                      SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True), Adam(model.parameters())):
+    params = model.parameters() + sparse_layer.parameters()
+    for optimizer in (SGD(params, lr=0.1), SGD(params, lr=0.1, momentum=0.9),
+                      SGD(params, lr=0.1, momentum=0.9, nesterov=True), Adam(params)):
         optimizer.step()
     for lib, threads in zip(kernels.scipy_blas(), blas_threads):
         lib.set_num_threads(threads)

@@ -40,6 +40,11 @@ def scipy_blas():
     return _scipy_blas
 
 
+def scipy_blas_single_threaded():
+    """Whether SciPy's BLAS is on one thread (so numba's threads have the cores to themselves)."""
+    return all(lib.num_threads == 1 for lib in scipy_blas())
+
+
 def limit_scipy_blas():
     """Sets SciPy's BLAS to one thread (a microsecond when it already is)."""
     for lib in scipy_blas():

@@ -177,6 +177,42 @@ def test_adam_step(dtype):
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('parts', [2, 3])
+def test_threaded_updates_equal_serial(dtype, parts):
+    """Big parameters are updated in parts on numba's threads: bit for bit what the serial loop gives."""
+    from kernels import optim
+    s = np.dtype(dtype).type
+    n = 1001  # not a multiple of the parts
+    for momentum, nesterov, wd in [(0.0, False, 0.0), (0.9, False, 0.01), (0.8, True, 0.1)]:
+        p, g, buf = data(n, dtype, 1), data(n, dtype, 2), data(n, dtype, 3)
+        if not momentum:
+            buf = p[:0]
+        args = s(0.1), s(momentum), s(wd), nesterov
+        p2, buf2 = p.copy(), buf.copy()
+        optim._sgd_serial(p, g, buf, *args)
+        optim._sgd_parallel(p2, g, buf2, *args, parts)
+        np.testing.assert_array_equal(p2, p)
+        np.testing.assert_array_equal(buf2, buf)
+    p, g, m, v = data(n, dtype, 1), data(n, dtype, 2), data(n, dtype, 3), np.abs(data(n, dtype, 4))
+    args = s(0.01), s(0.9), s(0.999), s(1e-8), s(0.1), s(1.2)
+    copies = p.copy(), m.copy(), v.copy()
+    optim._adam_serial(p, g, m, v, *args)
+    optim._adam_parallel(copies[0], g, copies[1], copies[2], *args, parts)
+    for got, want in zip(copies, (p, m, v)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_updates_use_threads_only_when_big_and_openblas_is_on_one_thread(monkeypatch):
+    from numba import get_num_threads
+    from kernels import optim
+    monkeypatch.setattr(optim, 'scipy_blas_single_threaded', lambda: True)
+    assert optim.update_parts(optim.PARALLEL_MIN_SIZE) == get_num_threads()
+    assert optim.update_parts(optim.PARALLEL_MIN_SIZE - 1) == 1
+    monkeypatch.setattr(optim, 'scipy_blas_single_threaded', lambda: False)  # OpenBLAS's threads would fight
+    assert optim.update_parts(10 * optim.PARALLEL_MIN_SIZE) == 1
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
 def test_ops_accept_non_contiguous_inputs(dtype):
     """Strided, transposed and Fortran-ordered arrays are made contiguous before a kernel sees them."""
     big = data((20, 16), dtype, 9)
@@ -221,7 +257,7 @@ from kernels import activations, linear, optim, softmax
 fastgrad.warmup(np.float32)
 missing = [f'{m.__name__}.{name}' for m in (activations, linear, optim, softmax) for name, f in vars(m).items()
            if isinstance(f, numba.core.registry.CPUDispatcher) and not f.signatures
-           and name != 'act_derivative']  # inlined into its callers, never called on its own
+           and f.targetoptions.get('inline') != 'always']  # inlined into its callers, never called on its own
 print(missing)
 sys.exit(bool(missing))
 """
