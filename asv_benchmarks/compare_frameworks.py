@@ -1,15 +1,16 @@
 """Epoch time of fastgrad against PyTorch CPU and a hand-written numpy loop, each in its own process.
 
-    python asv_benchmarks/compare_frameworks.py                 # workloads A and B, 3 repeats
-    python asv_benchmarks/compare_frameworks.py --repeats 5 --scaling --memory
+    python asv_benchmarks/compare_frameworks.py                 # workloads A and B, 3 runs each
+    python asv_benchmarks/compare_frameworks.py --repeats 7 --epochs 3 --scaling --memory
 
 Workload A: MNIST-shaped MLP 784-300-10 relu, batch 128, SGD momentum 0.9, lr 0.01, float32, one epoch over
 50,000 images (the real MNIST when `fastgrad.load_mnist` finds it, seeded random pixels otherwise; the
 random pixels are all nonzero, so fastgrad's sparse-input first layer stays dense on them and the table
 says which data ran). Workload B: vugrad's synth task,
-2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run;
-the table gives medians and ratios (fastgrad / other; below 1 means fastgrad is faster). PyTorch is
-skipped when it is not installed.
+2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run
+(--epochs timed epochs each, after 20 warm-up steps); the table gives the medians over all timed epochs
+and their ratios (fastgrad / other; below 1 means fastgrad is faster), with the lowest and highest ratio
+of a single round in brackets. PyTorch is skipped when it is not installed.
 """
 import argparse
 import json
@@ -166,14 +167,18 @@ def frameworks():
     return names
 
 
-def compare(workload, hidden, batch, repeats, names):
+def compare(workload, hidden, batch, repeats, names, epochs=1):
+    """Medians over every timed epoch of every run, and fastgrad's ratio to each other framework in each
+    round (the frameworks' runs back to back), whose spread shows how far the shared machine moved."""
     runs = {name: [] for name in names}
     for _ in range(repeats):  # alternate, so drift on a shared machine hits every framework alike
         for name in names:
-            result = child(name, workload, hidden, batch)
-            runs[name].append(result['seconds'][0])
-    medians = {name: float(np.median(times)) for name, times in runs.items()}
-    return medians, runs, result['data']
+            result = child(name, workload, hidden, batch, epochs)
+            runs[name].append(result['seconds'])
+    medians = {name: float(np.median(np.concatenate(times))) for name, times in runs.items()}
+    round_ratios = {name: [np.median(mine) / np.median(theirs) for mine, theirs in zip(runs['fastgrad'], runs[name])]
+                    for name in names if name != 'fastgrad'}
+    return medians, round_ratios, result['data']
 
 
 def sgemm_peak():
@@ -191,15 +196,16 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def row(label, medians, names):
+def row(label, medians, names, round_ratios):
     cells = [f'{medians[n]:.3f}' for n in names]
-    ratios = [f'{medians["fastgrad"] / medians[n]:.2f}x' for n in names if n != 'fastgrad']
+    ratios = [f'{medians["fastgrad"] / medians[n]:.2f}x ({min(round_ratios[n]):.2f}-{max(round_ratios[n]):.2f})'
+              for n in names if n != 'fastgrad']
     return f'| {label} | ' + ' | '.join(cells + ratios) + ' |'
 
 
 def header(names):
     others = [n for n in names if n != 'fastgrad']
-    cols = [f'{n} s' for n in names] + [f'fastgrad/{n}' for n in others]
+    cols = [f'{n} s' for n in names] + [f'fastgrad/{n} (rounds)' for n in others]
     return '| workload | ' + ' | '.join(cols) + ' |\n|' + '---|' * (len(cols) + 1)
 
 
@@ -209,7 +215,7 @@ def main():
     parser.add_argument('--workload', choices=['A', 'B', 'all'], default='all')
     parser.add_argument('--hidden', type=int, nargs='+', default=None)
     parser.add_argument('--batch', type=int, default=128)
-    parser.add_argument('--epochs', type=int, default=1)
+    parser.add_argument('--epochs', type=int, default=1, help='timed epochs per run (each run is a new process)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--scaling', action='store_true', help='also time hidden 300/1024/3136/4096 and batch 32/128/512')
     parser.add_argument('--memory', action='store_true', help='also track fastgrad peak RSS over 20 epochs')
@@ -224,25 +230,25 @@ def main():
     print(f'float32 sgemm peak (numba BLAS, 2048^3): {sgemm_peak():.1f} GFLOP/s\n')
     print(header(names))
     if args.workload in ('A', 'all'):
-        medians, _, source = compare('A', [300], 128, args.repeats, names)
-        print(row(f'A: MLP 784-300-10, batch 128, 50k ({source})', medians, names))
+        medians, ratios, source = compare('A', [300], 128, args.repeats, names, args.epochs)
+        print(row(f'A: MLP 784-300-10, batch 128, 50k ({source})', medians, names, ratios))
         gflops = mlp_flops([784, 300, 10]) * 50_000 / medians['fastgrad'] / 1e9
     if args.workload in ('B', 'all'):
-        medians, _, _ = compare('B', [8], 128, args.repeats, names)
-        print(row('B: synth 2-8-2, batch 128, 60k', medians, names))
+        medians, ratios, _ = compare('B', [8], 128, args.repeats, names, args.epochs)
+        print(row('B: synth 2-8-2, batch 128, 60k', medians, names, ratios))
     if args.workload in ('A', 'all'):
         print(f'\nA, fastgrad: {mlp_flops([784, 300, 10]) / 1e6:.2f} MFLOP per image per step, '
               f'{gflops:.1f} GFLOP/s effective (dense-equivalent: the sparse first layer skips the zero pixels\' '
               'share of the first-layer work, so this can exceed the BLAS rate)')
     if args.scaling:
-        print('\nScaling (workload A, medians of', args.repeats, 'runs):\n')
+        print(f'\nScaling (workload A, medians of {args.repeats} runs x {args.epochs} epochs):\n')
         print(header(names))
         for hidden in (300, 1024, 3136, 4096):
-            medians, _, _ = compare('A', [hidden], 128, args.repeats, names)
-            print(row(f'hidden {hidden}, batch 128', medians, names))
+            medians, ratios, _ = compare('A', [hidden], 128, args.repeats, names, args.epochs)
+            print(row(f'hidden {hidden}, batch 128', medians, names, ratios))
         for batch in (32, 512):
-            medians, _, _ = compare('A', [300], batch, args.repeats, names)
-            print(row(f'hidden 300, batch {batch}', medians, names))
+            medians, ratios, _ = compare('A', [300], batch, args.repeats, names, args.epochs)
+            print(row(f'hidden 300, batch {batch}', medians, names, ratios))
     if args.memory:
         result = child('fastgrad', 'A', [300], 128, epochs=20)
         rss = result['peak_rss_mb']
