@@ -1,0 +1,26 @@
+"""The framework comparison script end to end: a smoke test of its table (it times, but no speed is asserted)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'asv_benchmarks' / 'compare_frameworks.py'
+
+
+def test_compare_frameworks_prints_medians_and_round_ratios():
+    run = subprocess.run([sys.executable, str(SCRIPT), '--workload', 'B', '--repeats', '2', '--epochs', '2'],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    header = next(line for line in lines if line.startswith('| workload'))
+    names = [cell.strip()[:-2] for cell in header.strip('|').split('|')[1:] if cell.strip().endswith(' s')]
+    assert names[:2] == ['fastgrad', 'numpy']  # torch too when installed
+    cells = [cell.strip() for cell in next(line for line in lines if line.startswith('| B:')).strip('|').split('|')]
+    times, ratios = cells[1:1 + len(names)], cells[1 + len(names):]
+    assert all(float(t) > 0 for t in times)
+    assert len(ratios) == len(names) - 1
+    parsed = [re.fullmatch(r'(\d+\.\d\d)x \((\d+\.\d\d)-(\d+\.\d\d)\)', cell) for cell in ratios]
+    assert all(parsed), ratios  # the ratio of the medians, then the lowest and highest ratio of one round
+    for _, low, high in (map(float, match.groups()) for match in parsed):
+        assert 0 < low <= high
+    assert abs(float(parsed[0][1]) - float(times[0]) / float(times[1])) < 0.02  # fastgrad / numpy
