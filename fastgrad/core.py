@@ -310,7 +310,9 @@ def backward(root):
     if root.source is not None and root.source.inputs is None:
         raise RuntimeError('backward() through a graph that was cleared')
     # gradients not yet complete, keyed by node (TensorNode hashes by identity)
-    pending = {root: np.ones(root.shape, dtype=_grad_dtype(root.value))}
+    seed = np.empty(root.shape, dtype=_grad_dtype(root.value))
+    seed.fill(1)  # d root / d root (np.ones does the same through a slower Python wrapper)
+    pending = {root: seed}
     leaves = [root] if root.source is None else []
     for opnode in _topological_opnodes(root):
         goutputs = []

@@ -26,7 +26,7 @@ class Optimizer:
             p.grad = None
 
     def step(self):
-        scalars = {}  # the hyperparameters as scalars of each parameter dtype, made once per step
+        scalars = {}  # the hyperparameters as scalars of each parameter dtype, looked up once per step
         for i, p in enumerate(self.params):
             grad, value = p._grad, p.value
             if grad is None:  # a parameter no backward reached is left alone, as in torch
@@ -95,9 +95,14 @@ class SGD(Optimizer):
             raise ValueError('SGD: nesterov momentum needs momentum > 0')
         self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
         self.state = {}
+        self._scalars_key = None
 
     def _scalars(self, scalar):
-        return scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay), bool(self.nesterov)
+        key = (scalar, self.lr, self.momentum, self.weight_decay, self.nesterov)
+        if key != self._scalars_key:  # made again only when a hyperparameter changes (e.g. an lr schedule)
+            self._scalars_key = key
+            self._scalars_value = scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay), bool(self.nesterov)
+        return self._scalars_value
 
     def _update(self, i, value, grad, scalars, order):
         buf = self._buffer('momentum_buffer', i, order) if self.momentum else value[:0]

@@ -108,6 +108,20 @@ def test_optimizer_skips_parameters_without_gradient():
     assert not a.grad.any()
 
 
+def test_sgd_hyperparameters_changed_between_steps_take_effect():
+    """As with torch's lr schedules: opt.lr (and the others) may change between steps, also for a parameter
+    of another dtype in the same optimizer."""
+    a, b = TensorNode(np.ones(2)), TensorNode(np.ones(2, dtype=np.float32))
+    opt = fg.SGD([a, b], lr=0.5)
+    for lr, momentum, want in ((0.5, 0.0, 0.0), (0.0, 0.0, 0.0), (0.25, 0.0, -0.5), (0.25, 0.5, -1.0)):
+        opt.lr, opt.momentum = lr, momentum
+        opt.zero_grad()
+        (a * 2.0 + b * 2.0).sum().backward()
+        opt.step()
+        np.testing.assert_array_equal(a.value, [want, want])
+        np.testing.assert_array_equal(b.value, [want, want])
+
+
 def test_linear_weight_layout_is_an_implementation_detail():
     """w is (out, in) as in vugrad and torch, stored column-major; a C-ordered w a user assigns gives the
     same outputs and gradients."""
