@@ -286,20 +286,20 @@ def _reduce_to_shape(op, index, g, shape):
 
 def _topological_opnodes(root):
     """The OpNodes that lead to root, each after every OpNode that consumes its outputs (iterative DFS)."""
-    order, visited = [], set()
+    order, visited = [], set()  # OpNodes hash by identity
     stack = [(root.source, False)] if root.source is not None else []
     while stack:
         opnode, expanded = stack.pop()
         if expanded:
             order.append(opnode)
             continue
-        if id(opnode) in visited:
+        if opnode in visited:
             continue
-        visited.add(id(opnode))
+        visited.add(opnode)
         stack.append((opnode, True))
         for node in opnode.inputs or ():
             source = node.source
-            if node.requires_grad and source is not None and id(source) not in visited:
+            if node.requires_grad and source is not None and source not in visited:
                 stack.append((source, False))
     order.reverse()  # consumers before producers
     return order
