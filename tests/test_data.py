@@ -137,7 +137,7 @@ def test_a_failed_read_leaves_no_cache(cache, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r'fastgrad\[mnist\].*data_dir.*sha256 of MNIST'):
         fg.load_mnist()
     assert not (cache / 'mnist.npz').exists()
-    assert not any(p.name.endswith('.tmp') for p in cache.rglob('*'))
+    assert not any(p.name.endswith(('.tmp', '.part')) for p in cache.rglob('*'))
 
 
 @needs_package
