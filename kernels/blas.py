@@ -1,14 +1,14 @@
 """Matrix products through numba's np.dot (SciPy's OpenBLAS), and who owns the threads.
 
-OpenBLAS keeps its own worker threads and lets them spin for a while after each call; numba's parallel
-loops (the sparse-input kernels) keep theirs. On two cores the two pools took turns stealing each other's
-core: an MLP 784-1024-10 epoch on MNIST took 4.6-5.6 s against 1.1-1.4 s with OpenBLAS on one thread
-(batch 512: 1.97 s against 0.35 s). So the first time a sparse kernel is about to run, SciPy's OpenBLAS is
-set to one thread for the rest of the process (numpy's own BLAS is left alone). A process that never
-meets a sparse input keeps OpenBLAS's threads for its dense products (128x784 @ 784x300: 0.57 ms on two
-threads, 0.83-0.92 ms on one). Splitting dense products by rows over numba's threads instead (one
-single-threaded BLAS call per part) was tried and not kept: 0.60-0.67 ms at 128x784x300, 3.8 ms against
-OpenBLAS's 2.5 ms at 128x1024x1024.
+OpenBLAS keeps its own worker threads and lets them spin for a while after each call; numba's parallel loops
+(the sparse-input kernels, and the optimizer updates of big parameters once those have run) keep theirs. On
+two cores the two pools took turns stealing each other's core: an MLP 784-1024-10 epoch on MNIST took
+4.6-5.6 s against 1.1-1.4 s with OpenBLAS on one thread (batch 512: 1.97 s against 0.35 s). So the first time a sparse
+kernel is about to run, SciPy's OpenBLAS is set to one thread for the rest of the process (numpy's own BLAS is
+left alone). A process that never meets a sparse input keeps OpenBLAS's threads for its dense products
+(128x784 @ 784x300: 0.57 ms on two threads, 0.83-0.92 ms on one). Splitting dense products by rows over
+numba's threads instead (one single-threaded BLAS call per part) was tried and not kept: 0.60-0.67 ms at
+128x784x300, 3.8 ms against OpenBLAS's 2.5 ms at 128x1024x1024.
 """
 import os
 
