@@ -19,6 +19,7 @@ class Optimizer:
         for i, p in enumerate(self.params):
             if not np.issubdtype(p.dtype, np.floating):
                 raise ValueError(f'{type(self).__name__}: parameter {i} has dtype {p.dtype}, not floating point')
+        self._views = [None] * len(self.params)  # see _param_view
 
     def zero_grad(self):
         """Drops the gradients (they read as zeros until the next backward), as torch's set_to_none."""
@@ -27,30 +28,48 @@ class Optimizer:
 
     def step(self):
         scalars = {}  # the hyperparameters as scalars of each parameter dtype, looked up once per step
+        views = self._views
         for i, p in enumerate(self.params):
-            grad, value = p._grad, p.value
+            grad = p._grad
             if grad is None:  # a parameter no backward reached is left alone, as in torch
                 continue
-            order = _memory_order(value)
-            if order is None or not value.flags.writeable:
-                raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable contiguous array')
-            grad = np.asarray(grad, dtype=value.dtype, order=order)  # a copy only if dtype or layout differ
+            view = views[i]
+            if view is None or view[0] is not p.value:
+                view = views[i] = self._param_view(i)
+            value, order, flat, _ = view
             dtype = value.dtype
             if dtype not in scalars:
                 scalars[dtype] = self._scalars(dtype.type)
-            # flat views in memory order: the kernels update the parameter and its state in place
-            self._update(i, value.ravel(order), grad.ravel(order), scalars[dtype], order)
+            # flat views in memory order (a copy of the gradient only if its dtype or layout differ): the
+            # kernels update the parameter and its state in place
+            self._update(i, flat, np.asarray(grad, dtype=dtype, order=order).ravel(order), scalars[dtype])
 
-    def _buffer(self, name, i, order):
+    def _param_view(self, i):
+        """(value, memory order, flat view of value, flat views of its state made so far), kept from step to
+        step while the parameter keeps its array, so that a step does not redo these checks and views."""
+        value = self.params[i].value
+        order = _memory_order(value)
+        if order is None or not value.flags.writeable:
+            raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable contiguous array')
+        return value, order, value.ravel(order), {}
+
+    def _buffer(self, name, i):
         """Per-parameter state: zeros shaped and laid out like the parameter, made at first use; returned
         as a flat view in the parameter's memory order."""
-        key = f'{name}.{i}'
-        buf = self.state.get(key)
-        if buf is None:
-            buf = self.state[key] = np.zeros_like(self.params[i].value, order=order)
-        elif _memory_order(buf) != order:  # loaded from a checkpoint, which holds C order
-            buf = self.state[key] = np.asarray(buf, order=order)
-        return buf.ravel(order)
+        _, order, _, flat_state = self._views[i]
+        flat = flat_state.get(name)
+        if flat is None:
+            key, value = f'{name}.{i}', self.params[i].value
+            buf = self.state.get(key)
+            if buf is None:
+                buf = self.state[key] = np.zeros_like(value, order=order)
+            elif buf.shape != value.shape:  # the parameter was given an array of another shape
+                raise ValueError(f'{type(self).__name__}: parameter {i} has shape {value.shape}, its {name} '
+                                 f'{buf.shape}')
+            elif _memory_order(buf) != order:  # loaded from a checkpoint, which holds C order
+                buf = self.state[key] = np.asarray(buf, order=order)
+            flat = flat_state[name] = buf.ravel(order)
+        return flat
 
     def state_dict(self):
         """A flat dict of arrays and numbers (savable with np.savez, no pickle)."""
@@ -74,6 +93,7 @@ class Optimizer:
                                  f'the parameters need {expected}')
             loaded[key] = np.array(buf, dtype=self._state_dtype(key))
         self.state = loaded
+        self._views = [None] * len(self.params)  # the state's flat views point at the old buffers
 
     def _state_shape(self, key):
         name, _, index = key.rpartition('.')
@@ -104,8 +124,8 @@ class SGD(Optimizer):
             self._scalars_value = scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay), bool(self.nesterov)
         return self._scalars_value
 
-    def _update(self, i, value, grad, scalars, order):
-        buf = self._buffer('momentum_buffer', i, order) if self.momentum else value[:0]
+    def _update(self, i, value, grad, scalars):
+        buf = self._buffer('momentum_buffer', i) if self.momentum else value[:0]
         kernels.sgd_step(value, grad, buf, *scalars)
 
 
@@ -121,11 +141,11 @@ class Adam(Optimizer):
     def _scalars(self, scalar):
         return scalar  # the bias corrections change every step: converted per parameter in _update
 
-    def _update(self, i, value, grad, scalar, order):
+    def _update(self, i, value, grad, scalar):
         steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
         steps[i] += 1
         beta1, beta2 = self.betas
-        kernels.adam_step(value, grad, self._buffer('exp_avg', i, order), self._buffer('exp_avg_sq', i, order),
+        kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
                           scalar(self.lr / (1 - beta1 ** steps[i])), scalar(beta1), scalar(beta2), scalar(self.eps),
                           scalar(self.weight_decay), scalar(1 / np.sqrt(1 - beta2 ** steps[i])))
 

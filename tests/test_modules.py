@@ -95,6 +95,33 @@ def test_optimizer_state_dict_round_trip(make, tmp_path):
     train(mlp2, opt2, 2, np.random.default_rng(1))
     for p, q in zip(mlp.parameters(), mlp2.parameters()):
         np.testing.assert_array_equal(p.value, q.value)
+    # loaded back into the optimizer that has been stepping: its state is the loaded one from then on
+    mlp.load(tmp_path / 'mlp.npz')
+    opt.load_state_dict(fg.modules.load_npz(tmp_path / 'opt.npz'))
+    train(mlp, opt, 2, np.random.default_rng(1))
+    for p, q in zip(mlp.parameters(), mlp2.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+
+
+def test_optimizer_follows_a_parameter_given_a_new_array():
+    """The optimizer keeps flat views of each parameter between steps; a parameter whose array is
+    replaced (node.value = ...) is updated in its new array, and its momentum goes on."""
+    p = TensorNode(np.zeros(3))
+    opt = fg.SGD([p], lr=0.5, momentum=0.5)
+    p.grad = np.ones(3)
+    opt.step()  # p = -0.5, buffer 1
+    old = p.value
+    p.value = np.full((3,), 10.0)
+    p.grad = np.ones(3)
+    opt.step()  # buffer 1.5
+    np.testing.assert_array_equal(p.value, [9.25] * 3)
+    np.testing.assert_array_equal(old, [-0.5] * 3)
+    p.value = np.zeros((3,))[::-1]  # a view with negative strides is refused, not updated wrongly
+    with pytest.raises(ValueError, match='parameter 0 must be a writeable contiguous array'):
+        opt.step()
+    p.value, p.grad = np.zeros(4), np.ones(4)  # so is an array its momentum buffer does not fit
+    with pytest.raises(ValueError, match=r'parameter 0 has shape \(4,\), its momentum_buffer \(3,\)'):
+        opt.step()
 
 
 def test_optimizer_skips_parameters_without_gradient():
