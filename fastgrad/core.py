@@ -207,8 +207,8 @@ class OpNode:
         self.op = op
         self.context = context
         self.inputs = inputs
-        self._outputs = []
-        self._output_meta = []  # (shape, dtype) of each output, for the zeros of an unused one
+        self._outputs = ()
+        self._output_values = ()  # for the shape and dtype of an output nobody holds (its gradient is zeros)
 
     @property
     def outputs(self):
@@ -216,7 +216,7 @@ class OpNode:
 
     def _set_outputs(self, nodes):
         self._outputs = [weakref.ref(node) for node in nodes]
-        self._output_meta = [(node.shape, _grad_dtype(node.value)) for node in nodes]
+        self._output_values = [node.value for node in nodes]  # arrays, not nodes: no reference cycle
 
     def zero_grad(self):
         for node in self.inputs or ():
@@ -241,16 +241,23 @@ class Op:
 
     @classmethod
     def do_forward(cls, *inputs, **constants):
-        for i, node in enumerate(inputs):
+        needs, values = [], []
+        for node in inputs:
             if not isinstance(node, TensorNode):
-                raise TypeError(f'{cls.__name__}: input {i} is a {type(node).__name__}, not a TensorNode '
+                raise TypeError(f'{cls.__name__}: input {len(values)} is a {type(node).__name__}, not a TensorNode '
                                 f'(wrap arrays in TensorNode, or pass constants as keyword arguments)')
-        needs = tuple([_grad_enabled and node.requires_grad for node in inputs])
+            needs.append(_grad_enabled and node.requires_grad)
+            values.append(node.value)
+        needs = tuple(needs)
         context = {'needs_input_grad': needs}
-        raw = cls.forward(context, *[node.value for node in inputs], **constants)
-        raw = raw if type(raw) is tuple else (raw,)
+        raw = cls.forward(context, *values, **constants)
         tracked = True in needs
         opnode = OpNode(cls, context, list(inputs)) if tracked else None
+        if type(raw) is not tuple:  # one output, the common case
+            output = TensorNode(raw, source=opnode, requires_grad=tracked)
+            if tracked:
+                opnode._set_outputs((output,))
+            return output
         outputs = [TensorNode(value, source=opnode, requires_grad=tracked) for value in raw]
         if tracked:
             opnode._set_outputs(outputs)
@@ -310,17 +317,23 @@ def backward(root):
     if root.source is not None and root.source.inputs is None:
         raise RuntimeError('backward() through a graph that was cleared')
     # gradients not yet complete, keyed by node (TensorNode hashes by identity)
-    seed = np.empty(root.shape, dtype=_grad_dtype(root.value))
-    seed.fill(1)  # d root / d root (np.ones does the same through a slower Python wrapper)
+    dtype = _grad_dtype(root.value)
+    if root.value.ndim:
+        seed = np.empty(root.shape, dtype=dtype)
+        seed.fill(1)  # d root / d root (np.ones does the same through a slower Python wrapper)
+    else:
+        seed = np.array(1, dtype=dtype)  # a loss: the common case, and the quickest array to make
     pending = {root: seed}
     leaves = [root] if root.source is None else []
     for opnode in _topological_opnodes(root):
         goutputs = []
-        for ref, (shape, dtype) in zip(opnode._outputs, opnode._output_meta):
+        for ref, value in zip(opnode._outputs, opnode._output_values):
             node = ref()
             g = None if node is None else pending.pop(node, None)
             if g is None:
-                g = np.zeros(shape, dtype=dtype)
+                g = np.zeros(value.shape, dtype=_grad_dtype(value))
+            elif node._grad is None:  # _accumulate_grad's first case, inline: most nodes get one gradient
+                node._grad, node._grad_owned = g, False
             else:
                 node._accumulate_grad(g)
             goutputs.append(g)
@@ -337,7 +350,7 @@ def backward(root):
             value = node.value
             if getattr(g, 'shape', None) != value.shape:
                 g = _reduce_to_shape(opnode.op, i, g, value.shape)
-            if g.dtype != value.dtype:
+            if g.dtype is not value.dtype and g.dtype != value.dtype:
                 g = g.astype(_grad_dtype(value))
             if node in pending:  # never add in place: g may be shared with another input or the context
                 pending[node] = pending[node] + g
@@ -347,6 +360,5 @@ def backward(root):
                     leaves.append(node)
     for node in leaves:
         node._accumulate_grad(pending[node])
-
 
 from . import ops  # noqa: E402  (the operators above need the ops; ops need Op)

@@ -159,19 +159,20 @@ class Linear(Op):
     sparse kernels when it is mostly zeros."""
     @staticmethod
     def forward(context, x, w, b, activation=None):
-        if activation not in kernels.ACTIVATION_CODES:
+        code = kernels.ACTIVATION_CODES.get(activation)
+        if code is None:
             raise ValueError(f'Linear: unknown activation {activation!r}; use one of identity, relu, sigmoid, tanh')
-        _check_ndim('Linear', 'input', x, 2)
-        _check_ndim('Linear', 'weight', w, 2)
-        if x.shape[1] != w.shape[1] or b.size != w.shape[0]:
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or b.size != w.shape[0]:
+            _check_ndim('Linear', 'input', x, 2)
+            _check_ndim('Linear', 'weight', w, 2)
             raise ValueError(f'Linear: input {x.shape}, weight {w.shape} (out, in) and bias {b.shape} do not fit')
         wt = np.ascontiguousarray(_floating(w).T)
-        x = np.ascontiguousarray(x, dtype=wt.dtype)
-        code = kernels.ACTIVATION_CODES[activation]
+        dtype = wt.dtype
+        x = np.ascontiguousarray(x, dtype=dtype)
         sparse = not context['needs_input_grad'][0] and kernels.sparse_enough(x)
-        y, nonzeros = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=wt.dtype).reshape(-1), code,
-                                             sparse)
-        context.update(x=x, wt=wt, y=y, code=code, bshape=b.shape, nonzeros=nonzeros)
+        y, nonzeros = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=dtype).reshape(-1), code, sparse)
+        context['x'], context['wt'], context['y'], context['code'] = x, wt, y, code
+        context['bshape'], context['nonzeros'] = b.shape, nonzeros
         return y
 
     @staticmethod
@@ -399,8 +400,8 @@ class CrossEntropy(Op):
             raise ValueError(f'CrossEntropy: targets must lie in [0, {logits.shape[1]}), '
                              f'got {targets[bad]} at position {bad}')
         scale = 1.0 / max(logits.shape[0], 1) if reduction == 'mean' else 1.0
-        context.update(probs=probs, targets=targets, scale=scale)
-        return np.asarray(total * scale, dtype=logits.dtype)
+        context['probs'], context['targets'], context['scale'] = probs, targets, scale
+        return np.array(total * scale, dtype=logits.dtype)
 
     @staticmethod
     def backward(context, go):

@@ -119,6 +119,21 @@ def test_second_backward_accumulates(rng):
     np.testing.assert_allclose(x.grad, 2 * x.value)
 
 
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_backward_from_any_single_element_shape(rng, dtype):
+    """d root / d root is ones of the root's shape and dtype, whether the root is a () loss or (1, 1)."""
+    x = TensorNode(rng.standard_normal((3, 1)).astype(dtype))
+    grads = []
+    for root in ((x * x).sum(), (x * x).sum(axis=0).reshape(1, 1)):
+        x.zero_grad()
+        root.backward()
+        assert x.grad.dtype == dtype and root.grad.shape == root.shape and root.grad.dtype == dtype
+        np.testing.assert_array_equal(root.grad, np.ones(root.shape))
+        grads.append(x.grad.copy())
+    np.testing.assert_array_equal(grads[0], 2 * x.value)
+    np.testing.assert_array_equal(grads[1], 2 * x.value)
+
+
 def test_long_chain_has_no_recursion_limit():
     x = TensorNode(np.ones(2))
     y = x
