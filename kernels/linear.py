@@ -55,43 +55,70 @@ def sparse_enough(x):
     return x.size >= SPARSE_MIN_SIZE and _nonzero_share(x, min(SAMPLE_ROWS, x.shape[0])) <= SPARSE_MAX_DENSITY
 
 
+# The sparse forward walks the input features in blocks, so that the weight rows of one block (at most
+# SPARSE_BLOCK_BYTES) stay in a core's L2 (512 KB here) while every row of the batch adds its nonzeros from
+# that block, instead of each row fetching its weight rows from L3 again. Measured on 2 cores, batch 128,
+# MNIST pixels: 784 -> 300 (blocks of 218 features) the forward alone 0.91x the unblocked one with a cold
+# cache, a training step 0.94-0.97x (three paired runs); 784 -> 1024 (blocks of 64) a step 1.0x. With 4096
+# outputs a block would hold 16 rows, and re-reading the output rows for every block cost more than it
+# saved (the forward 1.08x): below SPARSE_MIN_BLOCK rows a layer is one block.
+SPARSE_BLOCK_BYTES = 256 << 10
+SPARSE_MIN_BLOCK = 64
+
+
+def sparse_block(n_in, m, itemsize):
+    """Input features per block of the sparse forward for n_in inputs, m outputs of itemsize bytes."""
+    block = SPARSE_BLOCK_BYTES // max(m * itemsize, 1)
+    return block if block >= SPARSE_MIN_BLOCK else max(n_in, 1)
+
+
 @parallel_kernel
-def sparse_affine(x, wt, b, relu):
+def sparse_affine(x, wt, b, relu, parts, block):
     """x @ wt + b (relu fused) adding only the rows of wt that row i's nonzeros select; returns y and the
     nonzeros it found, cols[i, :count[i]] (the columns where row i is nonzero, NaN included, in order).
 
-    Four nonzeros per pass over the output row, so each 8-float block of it is loaded and stored once
+    The rows of x are split into `parts`, one per thread; each thread walks the input features in blocks
+    of `block` (see SPARSE_BLOCK_BYTES) and adds, for each of its rows, the nonzeros that fall in the
+    block, four per pass over the output row, so that each 8-float block of it is loaded and stored once
     for four weight rows."""
     n, n_in = x.shape
     m = wt.shape[1]
     y = np.empty((n, m), wt.dtype)
     cols = np.empty((n, n_in), np.int32)
     count = np.empty(n, np.int64)
-    for i in prange(n):
-        yi, xi, ci = y[i], x[i], cols[i]
-        c = 0
-        for j in range(n_in):  # branch-free: write the index always, advance only past a nonzero
-            ci[c] = j
-            c += xi[j] != 0
-        count[i] = c
-        for k in range(m):
-            yi[k] = b[k]
-        p = 0
-        while p + 4 <= c:
-            j0, j1, j2, j3 = ci[p], ci[p + 1], ci[p + 2], ci[p + 3]
-            v0, v1, v2, v3 = xi[j0], xi[j1], xi[j2], xi[j3]
-            r0, r1, r2, r3 = wt[j0], wt[j1], wt[j2], wt[j3]
-            for k in range(m):
-                yi[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
-            p += 4
-        for q in range(p, c):
-            v, r = xi[ci[q]], wt[ci[q]]
-            for k in range(m):
-                yi[k] += v * r[k]
-        if relu:
-            for k in range(m):
-                v = yi[k]
-                yi[k] = v if v > 0 else v * 0
+    parts = max(1, min(n, parts))
+    for t in prange(parts):
+        i0, i1 = n * t // parts, n * (t + 1) // parts
+        added = np.zeros(i1 - i0, np.int64)  # per row: how many of its nonzeros are in y already
+        for end in range(block, max(n_in, 1) + block, block):  # at least once: no inputs still need the bias
+            for i in range(i0, i1):
+                yi, xi, ci = y[i], x[i], cols[i]
+                if end == block:  # the row's first block: find its nonzeros, start from the bias
+                    c = 0
+                    for j in range(n_in):  # branch-free: write the index always, advance only past a nonzero
+                        ci[c] = j
+                        c += xi[j] != 0
+                    count[i] = c
+                    for k in range(m):
+                        yi[k] = b[k]
+                c, p = count[i], added[i - i0]
+                while p + 4 <= c and ci[p + 3] < end:
+                    j0, j1, j2, j3 = ci[p], ci[p + 1], ci[p + 2], ci[p + 3]
+                    v0, v1, v2, v3 = xi[j0], xi[j1], xi[j2], xi[j3]
+                    r0, r1, r2, r3 = wt[j0], wt[j1], wt[j2], wt[j3]
+                    for k in range(m):
+                        yi[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
+                    p += 4
+                while p < c and ci[p] < end:
+                    v, r = xi[ci[p]], wt[ci[p]]
+                    for k in range(m):
+                        yi[k] += v * r[k]
+                    p += 1
+                added[i - i0] = p
+                if relu and end >= n_in:  # the row's last block: it is complete
+                    for k in range(m):
+                        v = yi[k]
+                        yi[k] = v if v > 0 else v * 0
     return y, cols, count
 
 
@@ -146,7 +173,7 @@ def linear_forward(x, wt, b, code, sparse=False):
     relu = code == RELU
     if sparse:
         limit_scipy_blas()  # numba's threads are about to run: OpenBLAS's must not spin against them (blas.py)
-        y, cols, count = sparse_affine(x, wt, b, relu)
+        y, cols, count = sparse_affine(x, wt, b, relu, get_num_threads(), sparse_block(*wt.shape, wt.itemsize))
         nonzeros = cols, count
     else:
         y, nonzeros = affine(x, wt, b, relu), None

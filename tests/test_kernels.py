@@ -77,6 +77,34 @@ def test_sparse_linear_matches_numpy(dtype, shape, density, name):
         np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
 
 
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('parts', [1, 2, 3, 64])
+@pytest.mark.parametrize('block', [1, 3, 5, 64, 129])
+def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
+    """Any block of input features and any split of the rows over threads gives the same product (rows
+    with 0-3 and 4k+r nonzeros per block included); more parts than rows is fine."""
+    from kernels.linear import sparse_affine
+    x = sparse_data((37, 129), dtype, 0.2, 21)
+    x[3] = 0
+    x[5] = data(129, dtype, 22)  # one dense row
+    wt, b = data((129, 11), dtype, 23), data(11, dtype, 24)
+    y, cols, count = sparse_affine(x, wt, b, True, parts, block)
+    ref = np.maximum(x.astype(np.float64) @ wt.astype(np.float64) + b, 0)
+    np.testing.assert_allclose(y, ref, **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 129))
+    for i in range(len(x)):
+        np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
+    y, _, count = sparse_affine(np.zeros((2, 0), dtype), wt[:0], b - 1, True, parts, block)  # no inputs at all
+    np.testing.assert_array_equal(y, np.maximum(np.broadcast_to(b - 1, (2, 11)), 0))
+    np.testing.assert_array_equal(count, [0, 0])
+
+
+def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
+    from kernels.linear import SPARSE_BLOCK_BYTES, sparse_block
+    assert sparse_block(784, 300, 4) == SPARSE_BLOCK_BYTES // 1200  # MNIST's first layer: several blocks
+    assert sparse_block(784, 4096, 4) == 784  # wide layers: one block
+    assert sparse_block(0, 0, 4) >= 1
+
+
 def test_sparse_enough_picks_the_sparse_path_only_where_it_wins():
     assert kernels.sparse_enough(sparse_data((128, 784), np.float32, 0.19, 0))  # MNIST-like
     assert not kernels.sparse_enough(sparse_data((128, 784), np.float32, 0.6, 0))  # too dense
