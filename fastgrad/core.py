@@ -361,4 +361,5 @@ def backward(root):
     for node in leaves:
         node._accumulate_grad(pending[node])
 
+
 from . import ops  # noqa: E402  (the operators above need the ops; ops need Op)

@@ -37,6 +37,9 @@ class Optimizer:
             if view is None or view[0] is not p.value:
                 view = views[i] = self._param_view(i)
             value, order, flat, _ = view
+            if grad.shape != value.shape:  # the kernels would read past a smaller gradient
+                raise ValueError(f'{type(self).__name__}: parameter {i} has shape {value.shape}, its gradient '
+                                 f'{grad.shape}')
             dtype = value.dtype
             if dtype not in scalars:
                 scalars[dtype] = self._scalars(dtype.type)

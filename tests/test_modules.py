@@ -122,6 +122,9 @@ def test_optimizer_follows_a_parameter_given_a_new_array():
     p.value, p.grad = np.zeros(4), np.ones(4)  # so is an array its momentum buffer does not fit
     with pytest.raises(ValueError, match=r'parameter 0 has shape \(4,\), its momentum_buffer \(3,\)'):
         opt.step()
+    p.value, p.grad = np.zeros(3), np.ones(2)  # and a gradient of another shape
+    with pytest.raises(ValueError, match=r'parameter 0 has shape \(3,\), its gradient \(2,\)'):
+        opt.step()
 
 
 def test_optimizer_skips_parameters_without_gradient():
