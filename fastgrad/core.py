@@ -332,8 +332,6 @@ def backward(root):
             g = None if node is None else pending.pop(node, None)
             if g is None:
                 g = np.zeros(value.shape, dtype=_grad_dtype(value))
-            elif node._grad is None:  # _accumulate_grad's first case, inline: most nodes get one gradient
-                node._grad, node._grad_owned = g, False
             else:
                 node._accumulate_grad(g)
             goutputs.append(g)
@@ -350,7 +348,7 @@ def backward(root):
             value = node.value
             if getattr(g, 'shape', None) != value.shape:
                 g = _reduce_to_shape(opnode.op, i, g, value.shape)
-            if g.dtype is not value.dtype and g.dtype != value.dtype:
+            if g.dtype != value.dtype:
                 g = g.astype(_grad_dtype(value))
             if node in pending:  # never add in place: g may be shared with another input or the context
                 pending[node] = pending[node] + g
