@@ -183,7 +183,7 @@ def compare(workload, hidden, batch, repeats, names, epochs=1):
 
 def sgemm_peak():
     """Best float32 GFLOP/s of a 2048^3 product through numba's BLAS (the one fastgrad uses)."""
-    import kernels
+    from fastgrad import kernels
     a = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
     kernels.matmul(a, a)
     best = min(timed(lambda: kernels.matmul(a, a)) for _ in range(5))

@@ -3,6 +3,9 @@
 Backward walks the graph once, iteratively, in reverse topological order: every OpNode's backward runs
 exactly once, after the gradients of all its outputs are complete. Gradients are reduced back to each
 input's shape (undoing broadcasting) in one place, `_reduce_to_shape`, not in every op.
+
+The operators on TensorNode (`+`, `@`, `.sum()`, ...) run ops that ops.py defines on top of this module;
+ops.py names them in OPERATORS, so that the import points one way only.
 """
 import weakref
 
@@ -30,6 +33,13 @@ def is_grad_enabled():
 
 
 _FLOAT64 = np.dtype(np.float64)
+
+# operator name -> the Op class it runs; filled in by ops.py (register_operators)
+OPERATORS = {}
+
+
+def register_operators(**ops):
+    OPERATORS.update(ops)
 
 
 def _grad_dtype(value):
@@ -68,6 +78,12 @@ class TensorNode:
     def grad(self, value):
         self._grad = None if value is None else np.asarray(value)
         self._grad_owned = False
+
+    @property
+    def grad_if_any(self):
+        """The gradient as backward left it, or None before any backward; unlike `grad` it never allocates
+        or copies, so it may be shared with another node: read it, do not write to it."""
+        return self._grad
 
     def _accumulate_grad(self, g):
         """Adds one backward pass's gradient; keeps a reference until something needs to write to it."""
@@ -148,52 +164,52 @@ class TensorNode:
         return TensorNode(other, requires_grad=False)
 
     def __add__(self, other):
-        return ops.Add.do_forward(self, self._node(other))
+        return OPERATORS['Add'].do_forward(self, self._node(other))
 
     def __radd__(self, other):
-        return ops.Add.do_forward(self._node(other), self)
+        return OPERATORS['Add'].do_forward(self._node(other), self)
 
     def __sub__(self, other):
-        return ops.Subtract.do_forward(self, self._node(other))
+        return OPERATORS['Subtract'].do_forward(self, self._node(other))
 
     def __rsub__(self, other):
-        return ops.Subtract.do_forward(self._node(other), self)
+        return OPERATORS['Subtract'].do_forward(self._node(other), self)
 
     def __mul__(self, other):
-        return ops.Multiply.do_forward(self, self._node(other))
+        return OPERATORS['Multiply'].do_forward(self, self._node(other))
 
     def __rmul__(self, other):
-        return ops.Multiply.do_forward(self._node(other), self)
+        return OPERATORS['Multiply'].do_forward(self._node(other), self)
 
     def __truediv__(self, other):
-        return ops.Divide.do_forward(self, self._node(other))
+        return OPERATORS['Divide'].do_forward(self, self._node(other))
 
     def __rtruediv__(self, other):
-        return ops.Divide.do_forward(self._node(other), self)
+        return OPERATORS['Divide'].do_forward(self._node(other), self)
 
     def __matmul__(self, other):
-        return ops.MatrixMultiply.do_forward(self, self._node(other))
+        return OPERATORS['MatrixMultiply'].do_forward(self, self._node(other))
 
     def __rmatmul__(self, other):
-        return ops.MatrixMultiply.do_forward(self._node(other), self)
+        return OPERATORS['MatrixMultiply'].do_forward(self._node(other), self)
 
     def __neg__(self):
-        return ops.Multiply.do_forward(self, self._node(-1))
+        return OPERATORS['Multiply'].do_forward(self, self._node(-1))
 
     def matmul(self, other):
         return self @ other
 
     def sum(self, axis=None):
-        return ops.Sum.do_forward(self, axis=axis)
+        return OPERATORS['Sum'].do_forward(self, axis=axis)
 
     @property
     def T(self):
-        return ops.Transpose.do_forward(self)
+        return OPERATORS['Transpose'].do_forward(self)
 
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        return ops.Reshape.do_forward(self, shape=shape)
+        return OPERATORS['Reshape'].do_forward(self, shape=shape)
 
 
 class OpNode:
@@ -359,5 +375,3 @@ def backward(root):
     for node in leaves:
         node._accumulate_grad(pending[node])
 
-
-from . import ops  # noqa: E402  (the operators above need the ops; ops need Op)

@@ -17,8 +17,7 @@ import zlib
 
 import numpy as np
 
-from .files import atomic_open
-from .modules import save_npz
+from .files import atomic_open, save_npz
 
 # sha256 of the data section (the array bytes) of each MNIST IDX file
 MNIST_SHA256 = {

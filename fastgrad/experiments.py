@@ -13,14 +13,15 @@ import sys
 import time
 
 from .files import atomic_open
-from .train import TrainingDiverged, plot_curves, train
+from .options import add_training_options, config_from, positive
+from .plots import plot_curves
+from .train import TrainingDiverged, train
 
 ACTIVATIONS_COLUMNS = ['epoch', 'activation', 'val_accuracy', 'train_loss']
 SWEEP_COLUMNS = ['lr', 'momentum', 'epochs', 'val_accuracy', 'train_loss', 'seconds', 'error']
 
 
 def add_experiment_commands(commands):
-    from .cli import add_training_options
     experiment = commands.add_parser('experiment', help="the course report's experiments",
                                      description="The course report's experiments.")
     kinds = experiment.add_subparsers(dest='experiment', title='experiments', required=True)
@@ -63,7 +64,6 @@ def still_epochs(history, digits=4):
 
 
 def run_activations(parser, args):
-    from .cli import config_from
     os.makedirs(args.out, exist_ok=True)
     curves, rows = {}, []
     for activation in ('sigmoid', 'relu'):
@@ -161,7 +161,6 @@ def markdown_table(rows):
 
 
 def run_sweep(parser, args):
-    from .cli import config_from, positive
     positive(parser, args, 'batch_size', 'workers')
     if any(e <= 0 for e in args.epochs) or any(lr <= 0 for lr in args.lr):
         parser.error('--lr and --epochs values must be positive')

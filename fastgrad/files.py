@@ -1,7 +1,9 @@
-"""Atomic file writes: every file fastgrad writes appears whole or not at all."""
+"""Files: every file fastgrad writes appears whole or not at all; .npz archives are read without pickle."""
 import contextlib
 import os
 import tempfile
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -17,3 +19,17 @@ def atomic_open(path, mode='w', **kwargs):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def save_npz(path, arrays):
+    """np.savez to `path`, atomically: a crash leaves no half-written file."""
+    with atomic_open(path, 'wb') as f:
+        np.savez(f, **arrays)
+
+
+def load_npz(path):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: not a readable fastgrad .npz file ({e})') from None

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .core import TensorNode
-from .files import atomic_open
+from .files import load_npz, save_npz
 from .ops import Linear as LinearOp
 
 
@@ -61,20 +61,6 @@ class Module:
 
     def load(self, path):
         self.load_state_dict(load_npz(path))
-
-
-def save_npz(path, arrays):
-    """np.savez to `path`, atomically: a crash leaves no half-written file."""
-    with atomic_open(path, 'wb') as f:
-        np.savez(f, **arrays)
-
-
-def load_npz(path):
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f'{path}: not a readable fastgrad .npz file ({e})') from None
 
 
 class Linear(Module):

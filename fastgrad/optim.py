@@ -1,7 +1,7 @@
 """Optimizers with torch.optim's update rules; each update is one in-place numba kernel per parameter."""
 import numpy as np
 
-import kernels
+from . import kernels
 
 
 def _memory_order(a):

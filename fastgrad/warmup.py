@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-import kernels
+from . import kernels
 
 from . import functions as F
 from .core import TensorNode

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fastgrad import cli
-from fastgrad.modules import load_npz
+from fastgrad.files import load_npz
 from fastgrad.train import TrainConfig, train
 
 

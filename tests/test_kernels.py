@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
-import kernels
+from fastgrad import kernels
 
 DTYPES = [np.float32, np.float64]
 SHAPES = [(1, 1), (1, 7), (9, 1), (13, 7), (128, 10), (3, 33)]
@@ -83,7 +83,7 @@ def test_sparse_linear_matches_numpy(dtype, shape, density, name):
 def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
     """Any block of input features and any split of the rows over threads gives the same product (rows
     with 0-3 and 4k+r nonzeros per block included); more parts than rows is fine."""
-    from kernels.linear import sparse_affine
+    from fastgrad.kernels.linear import sparse_affine
     x = sparse_data((37, 129), dtype, 0.2, 21)
     x[3] = 0
     x[5] = data(129, dtype, 22)  # one dense row
@@ -99,7 +99,7 @@ def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
 
 
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
-    from kernels.linear import SPARSE_BLOCK_BYTES, sparse_block
+    from fastgrad.kernels.linear import SPARSE_BLOCK_BYTES, sparse_block
     assert sparse_block(784, 300, 4) == SPARSE_BLOCK_BYTES // 1200  # MNIST's first layer: several blocks
     assert sparse_block(784, 4096, 4) == 784  # wide layers: one block
     assert sparse_block(0, 0, 4) >= 1
@@ -208,7 +208,7 @@ def test_adam_step(dtype):
 @pytest.mark.parametrize('parts', [2, 3])
 def test_threaded_updates_equal_serial(dtype, parts):
     """Big parameters are updated in parts on numba's threads: bit for bit what the serial loop gives."""
-    from kernels import optim
+    from fastgrad.kernels import optim
     s = np.dtype(dtype).type
     n = 1001  # not a multiple of the parts
     for momentum, nesterov, wd in [(0.0, False, 0.0), (0.9, False, 0.01), (0.8, True, 0.1)]:
@@ -232,7 +232,7 @@ def test_threaded_updates_equal_serial(dtype, parts):
 
 def test_updates_use_threads_only_when_big_and_openblas_is_on_one_thread(monkeypatch):
     from numba import get_num_threads
-    from kernels import optim
+    from fastgrad.kernels import optim
     monkeypatch.setattr(optim, 'scipy_blas_single_threaded', lambda: True)
     assert optim.update_parts(optim.PARALLEL_MIN_SIZE) == get_num_threads()
     assert optim.update_parts(optim.PARALLEL_MIN_SIZE - 1) == 1
@@ -280,8 +280,9 @@ def test_gradcheck_through_fused_ops():
 
 
 WARMUP_CHECK = """
-import sys, numba, numpy as np, fastgrad, kernels
-from kernels import activations, linear, optim, softmax
+import sys, numba, numpy as np, fastgrad
+from fastgrad import kernels
+from fastgrad.kernels import activations, linear, optim, softmax
 fastgrad.warmup(np.float32)
 missing = [f'{m.__name__}.{name}' for m in (activations, linear, optim, softmax) for name, f in vars(m).items()
            if isinstance(f, numba.core.registry.CPUDispatcher) and not f.signatures
@@ -299,7 +300,8 @@ def test_warmup_compiles_every_kernel():
 
 
 BLAS_THREADS_CHECK = """
-import numpy as np, fastgrad, kernels
+import numpy as np, fastgrad
+from fastgrad import kernels
 from threadpoolctl import threadpool_info
 
 def threads():

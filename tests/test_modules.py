@@ -84,20 +84,20 @@ def test_optimizer_state_dict_round_trip(make, tmp_path):
     mlp = fg.MLP(3, 2, hidden=4, rng=0)
     opt = make(mlp.parameters())
     train(mlp, opt, 3, np.random.default_rng(0))
-    fg.modules.save_npz(tmp_path / 'opt.npz', opt.state_dict())
+    fg.files.save_npz(tmp_path / 'opt.npz', opt.state_dict())
     mlp.save(tmp_path / 'mlp.npz')
     train(mlp, opt, 2, np.random.default_rng(1))
 
     mlp2 = fg.MLP(3, 2, hidden=4, rng=9)
     mlp2.load(tmp_path / 'mlp.npz')
     opt2 = make(mlp2.parameters())
-    opt2.load_state_dict(fg.modules.load_npz(tmp_path / 'opt.npz'))
+    opt2.load_state_dict(fg.files.load_npz(tmp_path / 'opt.npz'))
     train(mlp2, opt2, 2, np.random.default_rng(1))
     for p, q in zip(mlp.parameters(), mlp2.parameters()):
         np.testing.assert_array_equal(p.value, q.value)
     # loaded back into the optimizer that has been stepping: its state is the loaded one from then on
     mlp.load(tmp_path / 'mlp.npz')
-    opt.load_state_dict(fg.modules.load_npz(tmp_path / 'opt.npz'))
+    opt.load_state_dict(fg.files.load_npz(tmp_path / 'opt.npz'))
     train(mlp, opt, 2, np.random.default_rng(1))
     for p, q in zip(mlp.parameters(), mlp2.parameters()):
         np.testing.assert_array_equal(p.value, q.value)

@@ -5,7 +5,7 @@ benchmarks without a setup, and compilation is not throughput.
 """
 import numpy as np
 
-import kernels
+from fastgrad import kernels
 
 _rng = np.random.default_rng(0)
 X = _rng.random((128, 784), dtype=np.float32)

@@ -1,0 +1,34 @@
+"""The training options every command shares (`fastgrad train` and the experiments), and the TrainConfig
+they make."""
+from .train import TrainConfig
+
+
+def add_training_options(parser, grid=False):
+    """The options every training command shares (vugrad's names where vugrad had them); a grid (the
+    sweep) takes its own lists of learning rates, momenta and epochs."""
+    parser.add_argument('-D', '--dataset', choices=['synth', 'mnist'], default='synth')
+    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    if not grid:
+        parser.add_argument('-e', '--epochs', type=int, default=20)
+        parser.add_argument('-l', '--learning-rate', dest='lr', type=float, default=0.01)
+        parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
+    parser.add_argument('--optimizer', choices=['sgd', 'adam'], default='sgd')
+    parser.add_argument('--hidden', type=int, nargs='+', metavar='N',
+                        help='hidden layer sizes (default: 4 x the input size, as vugrad)')
+    parser.add_argument('--dtype', choices=['float32', 'float64'], default='float32')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--final', action='store_true', help='train on all 60k MNIST images, validate on the test set')
+    parser.add_argument('--data-dir', help='a folder with the four IDX files (e.g. Fashion-MNIST)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar, even on a terminal')
+
+
+def config_from(args, **overrides):
+    fields = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def positive(parser, args, *names):
+    for name in names:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f'--{name.replace("_", "-")} must be positive')
