@@ -1,6 +1,8 @@
 """The graph cases vugrad gets wrong, and the TensorNode API."""
+import gc
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -281,9 +283,35 @@ def test_float32_stays_float32(rng):
 
 
 def test_clear_releases_the_graph(rng):
+    """clear() on a loss still held frees every intermediate node and OpNode below it, by reference counting
+    alone (OpNodes hold their outputs weakly: the graph has no cycles), also below an intermediate node the
+    caller still holds; parameters and data stay."""
     mlp = fg.MLP(3, 2, hidden=4, rng=0)
     x = TensorNode(rng.standard_normal((5, 3)), requires_grad=False)
-    loss = fg.cross_entropy(mlp(x), np.array([0, 1, 0, 1, 1]))
-    loss.clear()
-    assert loss.source is None
-    assert all(p.source is None for p in mlp.parameters())
+    logits = mlp(x)
+    loss = fg.cross_entropy(logits, np.array([0, 1, 0, 1, 1]))
+    loss.backward()
+    keep = {id(p) for p in mlp.parameters()} | {id(x), id(loss), id(logits)}
+    graph, stack = [], [loss]
+    while stack:
+        opnode = stack.pop().source
+        if opnode is not None:
+            graph.append(weakref.ref(opnode))
+            for parent in opnode.inputs:
+                if id(parent) not in keep:
+                    graph.append(weakref.ref(parent))
+                stack.append(parent)
+    del opnode, parent
+    # at least the loss's op, the output layer's, and the hidden layer's node and op
+    assert len(graph) >= 4 and all(ref() is not None for ref in graph)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loss.clear()
+        alive = [ref() for ref in graph if ref() is not None]
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive == []
+    assert loss.source is None and logits.source is None
+    assert all(p.value is not None and p.grad.shape == p.shape for p in mlp.parameters())
