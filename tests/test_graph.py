@@ -262,6 +262,7 @@ def test_errors_name_what_is_wrong(rng):
         BadShape.do_forward(a).backward()
 
 
+@pytest.mark.slow
 def test_errors_survive_python_O(tmp_path):
     code = ('import numpy as np, fastgrad as fg\n'
             'a = fg.TensorNode(np.ones((2, 3)))\n'

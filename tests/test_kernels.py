@@ -292,6 +292,7 @@ sys.exit(bool(missing))
 """
 
 
+@pytest.mark.slow
 def test_warmup_compiles_every_kernel():
     """In a fresh process, warmup() alone reaches every kernel (compiled or loaded from the cache)."""
     run = subprocess.run([sys.executable, '-c', WARMUP_CHECK], capture_output=True, text=True)
@@ -321,6 +322,7 @@ assert all(after[f] == n for f, n in before.items() if f not in scipy_libs), (be
 """
 
 
+@pytest.mark.slow
 def test_sparse_path_takes_scipys_blas_to_one_thread_and_leaves_numpys():
     run = subprocess.run([sys.executable, '-c', BLAS_THREADS_CHECK], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
