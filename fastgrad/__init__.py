@@ -5,7 +5,8 @@ from .ops import (Add, Subtract, Multiply, Divide, MatrixMultiply, BatchMM, Sum,
                   LogSoftmax, CrossEntropy, Linear as LinearOp)
 from .functions import sigmoid, relu, tanh, softmax, logsoftmax, celoss, logceloss, cross_entropy
 from .modules import Module, Linear, MLP, Sequential
-from .optim import SGD, Adam
+from .optim import SGD, Adam, StepLR, CosineAnnealingLR
+from .backend import threads, set_threads
 from .gradcheck import gradcheck, GradcheckError
 from .warmup import warmup
 from .data import load_synth, load_mnist, read_idx, batches

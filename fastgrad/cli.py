@@ -44,7 +44,7 @@ def print_epoch(record):
 
 
 def run_train(parser, args):
-    positive(parser, args, 'batch_size', 'epochs', 'lr')
+    positive(parser, args, 'batch_size', 'epochs', 'lr', 'step_size', 'gamma')
     if args.resume and not args.checkpoint:
         parser.error('--resume needs --checkpoint DIR')
     if args.plot:

@@ -161,7 +161,7 @@ def markdown_table(rows):
 
 
 def run_sweep(parser, args):
-    positive(parser, args, 'batch_size', 'workers')
+    positive(parser, args, 'batch_size', 'workers', 'step_size', 'gamma')
     if any(e <= 0 for e in args.epochs) or any(lr <= 0 for lr in args.lr):
         parser.error('--lr and --epochs values must be positive')
     base = config_from(args, lr=args.lr[0], momentum=args.momentum[0], epochs=args.epochs[0])

@@ -78,8 +78,7 @@ class Linear(Module):
             std = np.sqrt(2.0 / input_size)
         else:
             raise ValueError(f"Linear: init must be 'glorot' or 'he', not {init!r}")
-        # column-major: w.T, which the kernels read row by row, is then C-contiguous without a copy
-        self.w = TensorNode(np.asfortranarray(rng.standard_normal((output_size, input_size)) * std, dtype=dtype))
+        self.w = TensorNode(LinearOp.weight(rng.standard_normal((output_size, input_size)) * std, dtype))
         self.b = TensorNode(np.zeros((1, output_size), dtype=dtype))
 
     def forward(self, x, activation=None):

@@ -1,22 +1,18 @@
 """The built-in Ops: one class per op, forward and backward side by side.
 
-The maths lives here; the heavy lifting (matmuls, activations, softmax, cross-entropy) is delegated to the
-numba kernels in the top-level `kernels` package. Broadcasting gradients are reduced by the framework
-(core._reduce_to_shape), so the elementwise ops return full-shape gradients. No backward writes into a
-forward value.
+The maths lives here; the heavy lifting (matmuls, activations, softmax, cross-entropy) runs in the numba
+kernels that backend.OP_KERNELS lists for each op, on arrays made ready by backend.prepare. Broadcasting
+gradients are reduced by the framework (core._reduce_to_shape), so the elementwise ops return full-shape
+gradients. No backward writes into a forward value.
 """
 import numpy as np
 
-from . import kernels
+from . import backend, kernels
+from .backend import OP_KERNELS, prepare
 from .core import Op, register_operators
 
 
 # -- helpers shared by the ops
-def _floating(x):
-    """x as a floating array: integer inputs compute in float64, float32 stays float32."""
-    return x if x.dtype.kind == 'f' else x.astype(np.float64)
-
-
 def _check_broadcast(op, a, b):
     try:
         np.broadcast_shapes(a.shape, b.shape)
@@ -30,30 +26,21 @@ def _check_ndim(op, name, x, ndim):
 
 
 def _matmul(a, b):
-    """a @ b (2-D) through numba's BLAS, the one BLAS of the training step: both operands are made
-    C-contiguous in one floating dtype first."""
-    dtype = np.result_type(_floating(a).dtype, _floating(b).dtype)
-    return kernels.matmul(np.ascontiguousarray(a, dtype=dtype), np.ascontiguousarray(b, dtype=dtype))
-
-
-def _activation_forward(x, code):
-    return kernels.activation_forward(_floating(x), code)
-
-
-def _activation_backward(y, g, code):
-    g = np.ascontiguousarray(g, dtype=y.dtype)
-    return kernels.activation_backward(y.reshape(-1), g.reshape(-1), code).reshape(y.shape)
+    """a @ b (2-D) through numba's BLAS, the one BLAS of the training step."""
+    return OP_KERNELS['MatrixMultiply'].forward(*prepare(a, b))
 
 
 def _rows(x):
     """x as a C-contiguous 2-D float array (n, last dimension), for the row-wise softmax kernels."""
-    x = np.ascontiguousarray(_floating(x))
+    x = prepare(x)
     return x.reshape(-1, x.shape[-1]) if x.ndim != 1 else x.reshape(1, -1)
 
 
 # -- elementwise arithmetic (numpy broadcasting)
 class Add(Op):
     """a + b."""
+    edits_goutputs = False
+    broadcasts = True
     @staticmethod
     def forward(context, a, b):
         _check_broadcast('Add', a, b)
@@ -66,6 +53,8 @@ class Add(Op):
 
 class Subtract(Op):
     """a - b."""
+    edits_goutputs = False
+    broadcasts = True
     @staticmethod
     def forward(context, a, b):
         _check_broadcast('Subtract', a, b)
@@ -78,6 +67,8 @@ class Subtract(Op):
 
 class Multiply(Op):
     """a * b, elementwise."""
+    edits_goutputs = False
+    broadcasts = True
     @staticmethod
     def forward(context, a, b):
         _check_broadcast('Multiply', a, b)
@@ -93,6 +84,8 @@ class Multiply(Op):
 
 class Divide(Op):
     """a / b, elementwise."""
+    edits_goutputs = False
+    broadcasts = True
     @staticmethod
     def forward(context, a, b):
         _check_broadcast('Divide', a, b)
@@ -109,6 +102,8 @@ class Divide(Op):
 # -- matrix products
 class MatrixMultiply(Op):
     """a @ b; 2-D float operands go through the numba kernel, anything else through np.matmul."""
+    edits_goutputs = False
+    broadcasts = True
     @staticmethod
     def forward(context, a, b):
         if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
@@ -133,6 +128,7 @@ class MatrixMultiply(Op):
 
 class BatchMM(Op):
     """vugrad's batch of matrix-vector products: matrix (m, f), vectors (n, f) -> vectors @ matrix.T, (n, m)."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, matrix, vectors):
         _check_ndim('BatchMM', 'matrix', matrix, 2)
@@ -154,9 +150,15 @@ class Linear(Op):
     None/'identity', 'relu', 'sigmoid', 'tanh'. x is cast to w's dtype (its gradient is cast back).
     Backward returns (dL/dx, dL/dw, dL/db) from the same kernels' backward, skipping dL/dx when x needs none.
 
-    The kernels read w.T row by row: fastgrad's Linear stores w column-major so that w.T needs no copy
-    (any other layout works, copied once per call). An input that needs no gradient (the data) takes the
-    sparse kernels when it is mostly zeros."""
+    The kernels read w.T row by row: a weight made by `Linear.weight` is column-major, so that w.T needs
+    no copy (any other layout works, copied once per call). An input that needs no gradient (the data)
+    takes the sparse kernels when it is mostly zeros and the thread policy lets numba's threads run."""
+    edits_goutputs = False
+    @staticmethod
+    def weight(values, dtype):
+        """A new weight array (out, in) holding `values`, laid out as this op's kernels read it fastest."""
+        return np.asfortranarray(values, dtype=dtype)
+
     @staticmethod
     def forward(context, x, w, b, activation=None):
         code = kernels.ACTIVATION_CODES.get(activation)
@@ -166,11 +168,10 @@ class Linear(Op):
             _check_ndim('Linear', 'input', x, 2)
             _check_ndim('Linear', 'weight', w, 2)
             raise ValueError(f'Linear: input {x.shape}, weight {w.shape} (out, in) and bias {b.shape} do not fit')
-        wt = np.ascontiguousarray(_floating(w).T)
-        dtype = wt.dtype
-        x = np.ascontiguousarray(x, dtype=dtype)
-        sparse = not context['needs_input_grad'][0] and kernels.sparse_enough(x)
-        y, nonzeros = kernels.linear_forward(x, wt, np.ascontiguousarray(b, dtype=dtype).reshape(-1), code, sparse)
+        wt = prepare(w.T)
+        x, b = prepare(x, b, dtype=wt.dtype)
+        sparse = not context['needs_input_grad'][0] and backend.sparse_allowed() and kernels.sparse_enough(x)
+        y, nonzeros = OP_KERNELS['Linear'].forward(x, wt, b.reshape(-1), code, backend.sparse_parts() if sparse else 0)
         context['x'], context['wt'], context['y'], context['code'] = x, wt, y, code
         context['bshape'], context['nonzeros'] = b.shape, nonzeros
         return y
@@ -178,15 +179,16 @@ class Linear(Op):
     @staticmethod
     def backward(context, go):
         need_x, need_w, need_b = context['needs_input_grad']
-        gx, gwt, gb = kernels.linear_backward(context['x'], context['wt'], context['y'],
-                                              np.ascontiguousarray(go, dtype=context['y'].dtype),
-                                              context['code'], need_x, context['nonzeros'])
+        gx, gwt, gb = OP_KERNELS['Linear'].backward(context['x'], context['wt'], context['y'],
+                                                    prepare(go, dtype=context['y'].dtype),
+                                                    context['code'], need_x, context['nonzeros'])
         return gx, (gwt.T if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
 
 
 # -- reductions and shapes
 class Sum(Op):
     """Sum over all elements (vugrad's), or over `axis`; backward spreads the gradient back."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, axis=None, keepdims=False):
         context.update(shape=x.shape, axis=axis, keepdims=keepdims)
@@ -202,6 +204,7 @@ class Sum(Op):
 
 class Normalize(Op):
     """Divides each row of a matrix by its sum."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x):
         sumd = x.sum(axis=1, keepdims=True)
@@ -216,6 +219,7 @@ class Normalize(Op):
 
 class Expand(Op):
     """Repeats a singleton dimension `dim` `repeats` times (explicit broadcasting); backward sums it back."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, *, dim, repeats):
         if x.shape[dim] != 1:
@@ -230,6 +234,7 @@ class Expand(Op):
 
 class Select(Op):
     """Picks one element per row: x (n, m), indices (n,) -> x[i, indices[i]], shape (n,)."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, *, indices):
         indices = np.asarray(indices)
@@ -249,6 +254,7 @@ class Select(Op):
 
 class Squeeze(Op):
     """Removes singleton dimension `dim`."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, dim=0):
         context['dim'] = dim
@@ -261,6 +267,7 @@ class Squeeze(Op):
 
 class Unsqueeze(Op):
     """Inserts a singleton dimension at `dim`."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, dim=0):
         context['dim'] = dim
@@ -273,6 +280,7 @@ class Unsqueeze(Op):
 
 class Reshape(Op):
     """x.reshape(shape)."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, *, shape):
         context['shape'] = x.shape
@@ -288,6 +296,7 @@ class Reshape(Op):
 
 class Transpose(Op):
     """x.transpose(axes); reverses the dimensions by default."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x, axes=None):
         context['axes'] = axes
@@ -302,6 +311,7 @@ class Transpose(Op):
 # -- elementwise functions
 class Exp(Op):
     """exp(x)."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x):
         context['expd'] = np.exp(x)
@@ -314,6 +324,7 @@ class Exp(Op):
 
 class Log(Op):
     """Natural logarithm."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x):
         context['x'] = x
@@ -325,17 +336,20 @@ class Log(Op):
 
 
 class _Activation(Op):
-    """An elementwise activation run by the numba kernel; backward uses the saved output."""
+    """An elementwise activation run by its kernels; backward uses the saved output."""
+    edits_goutputs = False
     code = kernels.IDENTITY
 
     @classmethod
     def forward(cls, context, x):
-        context['y'] = y = _activation_forward(x, cls.code)
+        context['y'] = y = OP_KERNELS[cls.__name__].forward(x if x.dtype.kind == 'f' else prepare(x), cls.code)
         return y
 
     @classmethod
     def backward(cls, context, go):
-        return _activation_backward(context['y'], go, cls.code)
+        y = context['y']
+        g = prepare(go, dtype=y.dtype)
+        return OP_KERNELS[cls.__name__].backward(y.reshape(-1), g.reshape(-1), cls.code).reshape(y.shape)
 
 
 class Sigmoid(_Activation):
@@ -356,9 +370,10 @@ class Tanh(_Activation):
 # -- softmax family (over the last dimension)
 class Softmax(Op):
     """softmax over the last dimension, shifted by the maximum (stable for logits of +-1e4)."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x):
-        context['y'] = y = kernels.softmax(_rows(x)).reshape(x.shape)
+        context['y'] = y = OP_KERNELS['Softmax'].forward(_rows(x)).reshape(x.shape)
         return y
 
     @staticmethod
@@ -369,21 +384,22 @@ class Softmax(Op):
 
 class LogSoftmax(Op):
     """log softmax over the last dimension, via log-sum-exp."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, x):
-        context['logp'] = logp = kernels.log_softmax(_rows(x))
+        context['logp'] = logp = OP_KERNELS['LogSoftmax'].forward(_rows(x))
         return logp.reshape(x.shape)
 
     @staticmethod
     def backward(context, go):
         logp = context['logp']
-        g = np.ascontiguousarray(go, dtype=logp.dtype).reshape(logp.shape)
-        return kernels.log_softmax_backward(logp, g).reshape(go.shape)
+        return OP_KERNELS['LogSoftmax'].backward(logp, prepare(go, dtype=logp.dtype).reshape(logp.shape)).reshape(go.shape)
 
 
 class CrossEntropy(Op):
     """Softmax cross-entropy of logits (n, classes) against integer targets (n,), in one kernel;
     reduction 'mean' or 'sum'. Forward keeps the probabilities; backward is (p - onehot) scaled."""
+    edits_goutputs = False
     @staticmethod
     def forward(context, logits, *, targets, reduction='mean'):
         targets = np.asarray(targets)
@@ -394,8 +410,8 @@ class CrossEntropy(Op):
             raise ValueError(f'CrossEntropy: targets must be integers of shape ({logits.shape[0]},) '
                              f'for logits {logits.shape}, got {targets.dtype} {targets.shape}')
         targets = np.ascontiguousarray(targets, dtype=np.int64)
-        logits = np.ascontiguousarray(_floating(logits))
-        total, probs, bad = kernels.cross_entropy_forward(logits, targets)
+        logits = prepare(logits)
+        total, probs, bad = OP_KERNELS['CrossEntropy'].forward(logits, targets)
         if bad >= 0:
             raise ValueError(f'CrossEntropy: targets must lie in [0, {logits.shape[1]}), '
                              f'got {targets[bad]} at position {bad}')
@@ -405,7 +421,7 @@ class CrossEntropy(Op):
 
     @staticmethod
     def backward(context, go):
-        return kernels.cross_entropy_backward(context['probs'], context['targets'], float(go) * context['scale'])
+        return OP_KERNELS['CrossEntropy'].backward(context['probs'], context['targets'], float(go) * context['scale'])
 
 
 register_operators(Add=Add, Subtract=Subtract, Multiply=Multiply, Divide=Divide, MatrixMultiply=MatrixMultiply,

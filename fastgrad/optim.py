@@ -1,7 +1,20 @@
-"""Optimizers with torch.optim's update rules; each update is one in-place numba kernel per parameter."""
+"""Optimizers with torch.optim's update rules, and the learning-rate schedules users reach for first.
+
+As in torch.optim, an optimizer keeps `param_groups` (dicts of 'params' and the hyperparameters, which a
+schedule or the user may change between steps; `opt.lr = ...` sets it in every group) and `state[p]`,
+each parameter's buffers. An update is one in-place kernel call per parameter over flat views of the
+parameter, its gradient and its buffers in the parameter's own memory order.
+
+To add an optimizer: its update loop and rule code in kernels/optim.py, a subclass here with `defaults`
+and `_update`, and its name in fastgrad/__init__.py.
+"""
+import math
+from typing import NamedTuple
+
 import numpy as np
 
-from . import kernels
+from . import backend
+from .kernels import RULES
 
 
 def _memory_order(a):
@@ -9,151 +22,267 @@ def _memory_order(a):
     return 'C' if a.flags.c_contiguous else 'F' if a.flags.f_contiguous else None
 
 
-class Optimizer:
-    hyperparameters = ()
+class FlatParam(NamedTuple):
+    """A parameter's array as the kernels update it; kept from step to step while the parameter keeps
+    its array, so that a step does not redo the checks and views."""
+    value: np.ndarray  # the parameter's array
+    order: str         # its memory order, 'C' or 'F'
+    flat: np.ndarray   # value.ravel(order), a view
+    state: dict        # buffer name -> flat view of state[p][name]
 
-    def __init__(self, params):
-        self.params = list(params)
-        if not self.params:
-            raise ValueError(f'{type(self).__name__}: got an empty parameter list')
-        for i, p in enumerate(self.params):
+
+class Optimizer:
+    """Base class. `defaults`: each hyperparameter and its default (None: the user must give it)."""
+    defaults = {}
+
+    def __init__(self, params, hyperparameters):
+        name = type(self).__name__
+        params = list(params)
+        if not params:
+            raise ValueError(f'{name}: got an empty parameter list')
+        object.__setattr__(self, 'param_groups', [])
+        self.state = {}
+        self._flat = {}
+        for group in (params if isinstance(params[0], dict) else [{'params': params}]):
+            self.add_param_group(dict(hyperparameters, **group))
+
+    def add_param_group(self, group):
+        """Adds a dict with 'params' and any hyperparameters (the rest from the optimizer's own)."""
+        name = type(self).__name__
+        group = dict(group)
+        group['params'] = list(group['params'])
+        for key in group:
+            if key != 'params' and key not in self.defaults and key != 'initial_lr':
+                raise ValueError(f'{name}: unknown hyperparameter {key!r}; it takes {", ".join(self.defaults)}')
+        for key, default in self.defaults.items():
+            group.setdefault(key, self.param_groups[0][key] if self.param_groups else default)
+            if group[key] is None:
+                raise ValueError(f'{name}: {key} is required')
+        known = set(self.params)
+        for p in group['params']:
             if not np.issubdtype(p.dtype, np.floating):
-                raise ValueError(f'{type(self).__name__}: parameter {i} has dtype {p.dtype}, not floating point')
-        self._views = [None] * len(self.params)  # see _param_view
+                raise ValueError(f'{name}: parameter {len(known)} has dtype {p.dtype}, not floating point')
+            if p in known:
+                raise ValueError(f'{name}: a parameter appears twice')
+            known.add(p)
+        self.param_groups.append(group)
+
+    @property
+    def params(self):
+        return [p for group in self.param_groups for p in group['params']]
+
+    # opt.lr reads the first group's; opt.lr = x sets every group's (what a one-group user expects)
+    def __getattr__(self, key):
+        groups = self.__dict__.get('param_groups')
+        if groups and key in type(self).defaults:
+            return groups[0][key]
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {key!r}')
+
+    def __setattr__(self, key, value):
+        if key in type(self).defaults and 'param_groups' in self.__dict__:
+            for group in self.param_groups:
+                group[key] = value
+        else:
+            object.__setattr__(self, key, value)
 
     def zero_grad(self):
         """Drops the gradients (they read as zeros until the next backward), as torch's set_to_none."""
-        for p in self.params:
-            p.grad = None
+        for group in self.param_groups:
+            for p in group['params']:
+                p.grad = None
 
     def step(self):
-        scalars = {}  # the hyperparameters as scalars of each parameter dtype, looked up once per step
-        views = self._views
-        for i, p in enumerate(self.params):
-            grad = p._grad
-            if grad is None:  # a parameter no backward reached is left alone, as in torch
-                continue
-            view = views[i]
-            if view is None or view[0] is not p.value:
-                view = views[i] = self._param_view(i)
-            value, order, flat, _ = view
-            if grad.shape != value.shape:  # the kernels would read past a smaller gradient
-                raise ValueError(f'{type(self).__name__}: parameter {i} has shape {value.shape}, its gradient '
-                                 f'{grad.shape}')
-            dtype = value.dtype
-            if dtype not in scalars:
-                scalars[dtype] = self._scalars(dtype.type)
-            # flat views in memory order (a copy of the gradient only if its dtype or layout differ): the
-            # kernels update the parameter and its state in place
-            self._update(i, flat, np.asarray(grad, dtype=dtype, order=order).ravel(order), scalars[dtype])
+        for group in self.param_groups:
+            for p in group['params']:
+                grad = p.grad_if_any
+                if grad is None:  # a parameter no backward reached is left alone, as in torch
+                    continue
+                flat = self._flat.get(p)
+                if flat is None or flat.value is not p.value:
+                    flat = self._flat[p] = self._flatten(p)
+                value = flat.value
+                if grad.shape != value.shape:  # the kernels would read past a smaller gradient
+                    raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} has shape {value.shape}, '
+                                     f'its gradient {grad.shape}')
+                # a copy of the gradient only if its dtype or layout differ from the parameter's
+                self._update(p, flat, np.asarray(grad, dtype=value.dtype, order=flat.order).ravel(flat.order), group)
 
-    def _param_view(self, i):
-        """(value, memory order, flat view of value, flat views of its state made so far), kept from step to
-        step while the parameter keeps its array, so that a step does not redo these checks and views."""
-        value = self.params[i].value
+    def _index(self, p):
+        return next(i for i, q in enumerate(self.params) if q is p)
+
+    def _flatten(self, p):
+        value = p.value
         order = _memory_order(value)
         if order is None or not value.flags.writeable:
-            raise ValueError(f'{type(self).__name__}: parameter {i} must be a writeable contiguous array')
-        return value, order, value.ravel(order), {}
+            raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} must be a writeable contiguous array')
+        return FlatParam(value, order, value.ravel(order), {})
 
-    def _buffer(self, name, i):
-        """Per-parameter state: zeros shaped and laid out like the parameter, made at first use; returned
-        as a flat view in the parameter's memory order."""
-        _, order, _, flat_state = self._views[i]
-        flat = flat_state.get(name)
-        if flat is None:
-            key, value = f'{name}.{i}', self.params[i].value
-            buf = self.state.get(key)
+    def _buffer(self, p, flat, name):
+        """state[p][name]: zeros shaped and laid out like the parameter, made at first use; returned as a
+        flat view in the parameter's memory order."""
+        view = flat.state.get(name)
+        if view is None:
+            state = self.state.setdefault(p, {})
+            buf = state.get(name)
             if buf is None:
-                buf = self.state[key] = np.zeros_like(value, order=order)
-            elif buf.shape != value.shape:  # the parameter was given an array of another shape
-                raise ValueError(f'{type(self).__name__}: parameter {i} has shape {value.shape}, its {name} '
-                                 f'{buf.shape}')
-            elif _memory_order(buf) != order:  # loaded from a checkpoint, which holds C order
-                buf = self.state[key] = np.asarray(buf, order=order)
-            flat = flat_state[name] = buf.ravel(order)
-        return flat
+                buf = state[name] = np.zeros_like(flat.value, order=flat.order)
+            elif buf.shape != flat.value.shape:  # the parameter was given an array of another shape
+                raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} has shape {flat.value.shape}, '
+                                 f'its {name} {buf.shape}')
+            elif _memory_order(buf) != flat.order:  # loaded from a checkpoint, which holds C order
+                buf = state[name] = np.asarray(buf, order=flat.order)
+            view = flat.state[name] = buf.ravel(flat.order)
+        return view
+
+    # -- state dicts: flat dicts of arrays (savable with np.savez, no pickle). One group's hyperparameters
+    # under their own names, several groups' as param_groups.<g>.<name>; buffers as <name>.<parameter
+    # index>; a number per parameter (Adam's step) as one array over the parameters under its name.
+    def _hyperparameter_keys(self):
+        several = len(self.param_groups) > 1
+        return [(group, name, f'param_groups.{g}.{name}' if several else name)
+                for g, group in enumerate(self.param_groups) for name in self.defaults]
 
     def state_dict(self):
-        """A flat dict of arrays and numbers (savable with np.savez, no pickle)."""
-        state = {name: np.asarray(getattr(self, name)) for name in self.hyperparameters}
-        state.update({key: buf.copy() for key, buf in self.state.items()})
+        state = {key: np.asarray(group[name]) for group, name, key in self._hyperparameter_keys()}
+        params = self.params
+        for i, p in enumerate(params):
+            for name, value in self.state.get(p, {}).items():
+                if isinstance(value, np.ndarray):
+                    state[f'{name}.{i}'] = value.copy()
+                else:
+                    state.setdefault(name, np.zeros(len(params), dtype=np.asarray(value).dtype))[i] = value
         return state
 
     def load_state_dict(self, state):
-        for name in self.hyperparameters:
-            value = np.asarray(state[name])
-            setattr(self, name, tuple(value.tolist()) if value.ndim else value.item())
-        loaded = {}
+        cls = type(self).__name__
+        hyper = self._hyperparameter_keys()
+        for group, name, key in hyper:
+            if key not in state:
+                raise ValueError(f'{cls}.load_state_dict: {key} is missing')
+            value = np.asarray(state[key])
+            group[name] = tuple(value.tolist()) if value.ndim else value.item()
+        params = self.params
+        loaded = {p: {} for p in params}
+        hyper_keys = {key for _, _, key in hyper}
         for key, buf in state.items():
-            if key in self.hyperparameters:
+            if key in hyper_keys:
                 continue
-            expected = self._state_shape(key)
-            if np.ndim(buf) == 1 and np.size(buf) == np.prod(expected) and len(expected) != 1:
-                buf = np.reshape(buf, expected)  # older checkpoints kept flat buffers (C order)
-            if np.shape(buf) != expected:
-                raise ValueError(f'{type(self).__name__}.load_state_dict: {key} has shape {np.shape(buf)}, '
-                                 f'the parameters need {expected}')
-            loaded[key] = np.array(buf, dtype=self._state_dtype(key))
-        self.state = loaded
-        self._views = [None] * len(self.params)  # the state's flat views point at the old buffers
+            name, _, index = key.rpartition('.')
+            if not name and np.shape(buf) == (len(params),):  # a number per parameter
+                for p, value in zip(params, np.asarray(buf).tolist()):
+                    loaded[p][key] = value
+                continue
+            if not name or not index.isdigit() or int(index) >= len(params):
+                raise ValueError(f'{cls}.load_state_dict: unexpected entry {key!r}')
+            p = params[int(index)]
+            if np.ndim(buf) == 1 and np.size(buf) == p.value.size and p.value.ndim != 1:
+                buf = np.reshape(buf, p.value.shape)  # older checkpoints kept flat buffers (C order)
+            if np.shape(buf) != p.value.shape:
+                raise ValueError(f'{cls}.load_state_dict: {key} has shape {np.shape(buf)}, the parameters need '
+                                 f'{p.value.shape}')
+            loaded[p][name] = np.array(buf, dtype=p.dtype)
+        self.state = {p: s for p, s in loaded.items() if s}
+        self._flat = {}  # the flat views point at the old buffers
 
-    def _state_shape(self, key):
-        name, _, index = key.rpartition('.')
-        if not name or not index.isdigit() or int(index) >= len(self.params):
-            raise ValueError(f'{type(self).__name__}.load_state_dict: unexpected entry {key!r}')
-        return self.params[int(index)].value.shape
-
-    def _state_dtype(self, key):
-        return self.params[int(key.rpartition('.')[2])].dtype
+    def _update(self, p, flat, grad, group):
+        raise NotImplementedError
 
 
 class SGD(Optimizer):
     """torch.optim.SGD: d = g + wd p; buf = momentum buf + d; d = d + momentum buf (nesterov) or buf; p -= lr d."""
-    hyperparameters = ('lr', 'momentum', 'nesterov', 'weight_decay')
+    defaults = {'lr': None, 'momentum': 0.0, 'nesterov': False, 'weight_decay': 0.0}
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
-        super().__init__(params)
         if nesterov and momentum <= 0:
             raise ValueError('SGD: nesterov momentum needs momentum > 0')
-        self.lr, self.momentum, self.nesterov, self.weight_decay = lr, momentum, nesterov, weight_decay
-        self.state = {}
-        self._scalars_key = None
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+        self._scalars = {}  # (group index, dtype) -> (hyperparameters, the kernel's rule and scalars)
 
-    def _scalars(self, scalar):
-        key = (scalar, self.lr, self.momentum, self.weight_decay, self.nesterov)
-        if key != self._scalars_key:  # made again only when a hyperparameter changes (e.g. an lr schedule)
-            self._scalars_key = key
-            self._scalars_value = scalar(self.lr), scalar(self.momentum), scalar(self.weight_decay), bool(self.nesterov)
-        return self._scalars_value
-
-    def _update(self, i, value, grad, scalars):
-        buf = self._buffer('momentum_buffer', i) if self.momentum else value[:0]
-        kernels.sgd_step(value, grad, buf, *scalars)
+    def _update(self, p, flat, grad, group):
+        dtype = flat.value.dtype
+        key = id(group), dtype
+        hyper = group['lr'], group['momentum'], group['weight_decay'], group['nesterov']
+        cached = self._scalars.get(key)
+        if cached is None or cached[0] != hyper:  # made again only when a hyperparameter changes
+            s = dtype.type
+            rule = RULES['nesterov'] if group['nesterov'] else RULES['sgd']
+            cached = self._scalars[key] = hyper, rule, (s(hyper[0]), s(hyper[1]), s(hyper[2]), s(0), s(0), s(0))
+        _, rule, scalars = cached
+        buf = self._buffer(p, flat, 'momentum_buffer') if group['momentum'] else flat.flat[:0]
+        backend.update(rule, flat.flat, grad, buf, flat.flat[:0], scalars)
 
 
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay added to the gradient), bias-corrected moments."""
-    hyperparameters = ('lr', 'betas', 'eps', 'weight_decay')
+    defaults = {'lr': 1e-3, 'betas': (0.9, 0.999), 'eps': 1e-8, 'weight_decay': 0.0}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params)
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.state = {}
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    def _scalars(self, scalar):
-        return scalar  # the bias corrections change every step: converted per parameter in _update
+    def _update(self, p, flat, grad, group):
+        state = self.state.setdefault(p, {})
+        step = state['step'] = state.get('step', 0) + 1
+        beta1, beta2 = group['betas']
+        s = flat.value.dtype.type  # the bias corrections change every step: converted here
+        scalars = (s(group['lr'] / (1 - beta1 ** step)), s(beta1), s(beta2), s(group['eps']),
+                   s(group['weight_decay']), s(1 / math.sqrt(1 - beta2 ** step)))
+        backend.update(RULES['adam'], flat.flat, grad, self._buffer(p, flat, 'exp_avg'),
+                       self._buffer(p, flat, 'exp_avg_sq'), scalars)
 
-    def _update(self, i, value, grad, scalar):
-        steps = self.state.setdefault('step', np.zeros(len(self.params), dtype=np.int64))
-        steps[i] += 1
-        beta1, beta2 = self.betas
-        kernels.adam_step(value, grad, self._buffer('exp_avg', i), self._buffer('exp_avg_sq', i),
-                          scalar(self.lr / (1 - beta1 ** steps[i])), scalar(beta1), scalar(beta2), scalar(self.eps),
-                          scalar(self.weight_decay), scalar(1 / np.sqrt(1 - beta2 ** steps[i])))
 
-    def _state_shape(self, key):
-        return (len(self.params),) if key == 'step' else super()._state_shape(key)
+# -- learning-rate schedules
+class LRScheduler:
+    """Sets each group's lr from its initial lr and the epoch, as torch.optim.lr_scheduler does: make it
+    after the optimizer (that sets the lr of epoch 0) and call step() once at the end of every epoch."""
 
-    def _state_dtype(self, key):
-        return np.int64 if key == 'step' else super()._state_dtype(key)
+    def __init__(self, optimizer, last_epoch=-1):
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault('initial_lr', group['lr'])
+        self.base_lrs = [group['initial_lr'] for group in optimizer.param_groups]
+        self.last_epoch = last_epoch
+        self.step()
+
+    def lr_at(self, base_lr, epoch):
+        raise NotImplementedError
+
+    def step(self):
+        self.last_epoch += 1
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group['lr'] = self.lr_at(base_lr, self.last_epoch)
+
+    def get_last_lr(self):
+        return [group['lr'] for group in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {'last_epoch': self.last_epoch}
+
+    def load_state_dict(self, state):
+        self.last_epoch = int(state['last_epoch']) - 1
+        self.step()
+
+
+class StepLR(LRScheduler):
+    """torch's StepLR: lr = initial lr * gamma ** (epoch // step_size)."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
+        if not isinstance(step_size, (int, np.integer)) or step_size < 1:
+            raise ValueError(f'StepLR: step_size must be a positive integer, not {step_size!r}')
+        self.step_size, self.gamma = int(step_size), gamma
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, base_lr, epoch):
+        return base_lr * self.gamma ** (epoch // self.step_size)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """torch's CosineAnnealingLR: lr = eta_min + (initial lr - eta_min) (1 + cos(pi epoch / T_max)) / 2."""
+
+    def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
+        if not isinstance(T_max, (int, np.integer)) or T_max < 1:
+            raise ValueError(f'CosineAnnealingLR: T_max must be a positive integer, not {T_max!r}')
+        self.T_max, self.eta_min = int(T_max), eta_min
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, base_lr, epoch):
+        return self.eta_min + (base_lr - self.eta_min) * (1 + math.cos(math.pi * epoch / self.T_max)) / 2

@@ -13,6 +13,12 @@ def add_training_options(parser, grid=False):
         parser.add_argument('-l', '--learning-rate', dest='lr', type=float, default=0.01)
         parser.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default 0.9)')
     parser.add_argument('--optimizer', choices=['sgd', 'adam'], default='sgd')
+    parser.add_argument('--schedule', choices=['constant', 'step', 'cosine'], default='constant',
+                        help='learning rate per epoch: constant, step (x --gamma every --step-size epochs) or '
+                             'cosine (from the learning rate down to 0 over the epochs)')
+    parser.add_argument('--step-size', type=int, metavar='N', help='epochs between two decays of --schedule step '
+                        '(default: a third of the epochs)')
+    parser.add_argument('--gamma', type=float, default=0.1, help='the decay factor of --schedule step (default 0.1)')
     parser.add_argument('--hidden', type=int, nargs='+', metavar='N',
                         help='hidden layer sizes (default: 4 x the input size, as vugrad)')
     parser.add_argument('--dtype', choices=['float32', 'float64'], default='float32')

@@ -16,7 +16,7 @@ from .core import TensorNode, no_grad
 from .files import load_npz, save_npz
 from .functions import cross_entropy
 from .modules import MLP
-from .optim import SGD, Adam
+from .optim import SGD, Adam, CosineAnnealingLR, StepLR
 
 CHECKPOINT_FILE = 'checkpoint.npz'
 
@@ -36,6 +36,9 @@ class TrainConfig:
     seed: int = 0
     final: bool = False
     data_dir: str = None
+    schedule: str = 'constant'  # or 'step' (lr x gamma every step_size epochs), 'cosine' (to 0 over the epochs)
+    step_size: int = None       # None: a third of the epochs
+    gamma: float = 0.1
 
 
 class TrainingDiverged(FloatingPointError):
@@ -65,6 +68,17 @@ def build(config, num_features, num_classes):
     return model, optimizer, np.random.default_rng(shuffle_seed)
 
 
+def make_schedule(config, optimizer):
+    """The learning-rate schedule config asks for (None for a constant rate); it steps once per epoch."""
+    if config.schedule == 'constant':
+        return None
+    if config.schedule == 'step':
+        return StepLR(optimizer, config.step_size or max(1, config.epochs // 3), gamma=config.gamma)
+    if config.schedule == 'cosine':
+        return CosineAnnealingLR(optimizer, config.epochs)
+    raise ValueError(f"schedule must be 'constant', 'step' or 'cosine', not {config.schedule!r}")
+
+
 def accuracy(model, x, y, batch_size=2000):
     """Fraction of rows whose largest logit is the label (in batches, without a graph)."""
     correct = 0
@@ -92,7 +106,8 @@ def load_checkpoint(folder, config, model, optimizer, rng):
         meta = json.loads(str(arrays.pop('meta')))
     except (KeyError, ValueError):
         raise ValueError(f'{path}: not a fastgrad training checkpoint (no readable meta entry)') from None
-    saved = dict(meta['config'], epochs=config.epochs)
+    # settings added since the checkpoint was written take their defaults
+    saved = {**dataclasses.asdict(TrainConfig()), **meta['config'], 'epochs': config.epochs}
     if saved != dict(dataclasses.asdict(config), epochs=config.epochs):
         changed = sorted(k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v and k != 'epochs')
         raise ValueError(f'{path}: the checkpoint was made with different settings ({", ".join(changed)}); '
@@ -106,17 +121,21 @@ def load_checkpoint(folder, config, model, optimizer, rng):
 def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, data=None, should_stop=None):
     """Trains config's MLP; calls on_epoch(record, history) after every epoch and returns a summary dict.
 
-    Each record holds epoch, val_accuracy, train_loss (summed over the epoch's instances), seconds
-    and samples_per_second. Raises TrainingDiverged when the loss becomes NaN or infinite, and
+    Each record holds epoch, val_accuracy, train_loss (summed over the epoch's instances), lr (the
+    epoch's learning rate), seconds and samples_per_second. Raises TrainingDiverged when the loss becomes NaN or infinite, and
     KeyboardInterrupt between two steps once should_stop() is true.
     """
     (xtrain, ytrain), (xval, yval), num_classes = data or load_data(config)
     model, optimizer, rng = build(config, xtrain.shape[1], num_classes)
+    schedule = make_schedule(config, optimizer)
     history = []
     if resume and checkpoint and os.path.exists(os.path.join(checkpoint, CHECKPOINT_FILE)):
         history = load_checkpoint(checkpoint, config, model, optimizer, rng)
+        if schedule is not None:
+            schedule.load_state_dict({'last_epoch': len(history)})
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
+        lr = optimizer.lr
         running = 0.0
         steps = datasets.batches(xtrain, ytrain, config.batch_size, rng=rng)
         if progress:
@@ -135,9 +154,11 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
         seconds = time.perf_counter() - start
-        record = {'epoch': epoch, 'val_accuracy': accuracy(model, xval, yval), 'train_loss': running,
+        record = {'epoch': epoch, 'val_accuracy': accuracy(model, xval, yval), 'train_loss': running, 'lr': lr,
                   'seconds': seconds, 'samples_per_second': len(xtrain) / seconds}
         history.append(record)
+        if schedule is not None:
+            schedule.step()
         if checkpoint:
             save_checkpoint(checkpoint, config, model, optimizer, rng, history)
         if on_epoch:

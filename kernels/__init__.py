@@ -1,17 +1,18 @@
-"""numba kernels for fastgrad's hot paths.
+"""numba kernels for fastgrad's hot paths (installed as fastgrad.kernels).
 
-Plain functions on contiguous numpy arrays (float32 or float64); nothing here imports fastgrad.
+Plain functions on contiguous numpy arrays (float32 or float64); nothing here imports fastgrad, and
+nothing here decides how many threads to use: parallel kernels take that as an argument.
 Activations are chosen by a small integer code so that one compiled kernel serves all of them.
 """
 from .activations import IDENTITY, RELU, SIGMOID, TANH, ACTIVATION_CODES, activation_forward, activation_backward
-from .blas import matmul, limit_scipy_blas, scipy_blas
+from .blas import matmul
 from .linear import linear_forward, linear_backward, sparse_enough
 from .softmax import softmax, log_softmax, log_softmax_backward, cross_entropy_forward, cross_entropy_backward
-from .optim import sgd_step, adam_step
+from .optim import RULES, update
 
 __all__ = [
     'IDENTITY', 'RELU', 'SIGMOID', 'TANH', 'ACTIVATION_CODES', 'activation_forward', 'activation_backward',
-    'matmul', 'limit_scipy_blas', 'scipy_blas', 'linear_forward', 'linear_backward', 'sparse_enough',
+    'matmul', 'linear_forward', 'linear_backward', 'sparse_enough',
     'softmax', 'log_softmax', 'log_softmax_backward', 'cross_entropy_forward', 'cross_entropy_backward',
-    'sgd_step', 'adam_step',
+    'RULES', 'update',
 ]

@@ -1,12 +1,12 @@
 """The decorators every kernel uses.
 
-cache=True: later processes load compiled code instead of compiling (see DESIGN.md for the costs).
-error_model='numpy': a float division by zero gives inf/nan as in numpy instead of a per-element check
-that raises ZeroDivisionError; that check also stops LLVM from vectorising the loop (Adam's update on
-235k floats: 1.2 ms with it, 0.34 ms without).
-parallel_kernel: for the few loops that are worth splitting over cores (the sparse-input products, a few
-hundred microseconds each, and the optimizer updates of big parameters); a parallel region costs
-microseconds to start, so small loops stay serial.
+cache=True: later processes load the compiled code instead of compiling it again.
+error_model='numpy': a float division by zero gives inf/nan as in numpy; numba's default checks every
+division and raises ZeroDivisionError, and that check stops LLVM from vectorising the loop.
+parallel_kernel: for the few loops worth splitting over cores (the sparse-input products and the updates
+of big parameters); starting a parallel region costs microseconds, so small loops stay serial. How many
+threads a parallel kernel uses is its caller's choice (a `parts` argument): kernels never ask numba or
+BLAS for thread counts (numba's get_num_threads inside a kernel would also stop it from being cached).
 """
 from numba import njit
 

@@ -1,11 +1,8 @@
 """Dense layers: y = act(x @ wt + b), with the weight passed transposed: wt is (in, out), C-contiguous.
 
-fastgrad's Linear stores w (out, in) column-major, so w.T is that array without a copy; x @ wt and the
-weight gradient x.T @ gz (784x300: 490-510 us against 577-592 us for gz.T @ x) are BLAS calls without a
-transposed output.
-
-Every matmul of a training step goes through numba's np.dot (SciPy's OpenBLAS; blas.py says who owns the
-threads), evaluation included: mixing it with numpy's own BLAS in one loop makes the two pools fight.
+The Linear op stores w (out, in) column-major, so w.T is that array without a copy, and x @ wt and the
+weight gradient x.T @ gz are BLAS calls without a transposed output (x.T @ gz is the quicker of the two
+ways to get it).
 
 Sparse inputs (MNIST pixels are 81 % zeros) take another path when the input needs no gradient: the
 nonzeros of each row are found once, the forward adds up only the weight rows they select, and the weight
@@ -13,14 +10,13 @@ gradient sums only over them. A zero input then contributes exactly nothing, als
 (as in torch.sparse), where the dense product would give nan.
 """
 import numpy as np
-from numba import get_num_threads, prange
+from numba import prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
-from .blas import limit_scipy_blas, matmul
+from .blas import matmul
 from .jit import kernel, parallel_kernel
 
-# Measured on 2 cores (batch 128, 784 -> 300): sparse forward + weight gradient beat the dense pair up to
-# about 30 % nonzeros (random positions; 0.6 ms against 1.1 ms at MNIST's 19 %). Small inputs stay dense:
+# The sparse pair beats the dense pair up to about 30 % nonzeros; small inputs stay dense, because
 # starting the parallel loops costs more than they save.
 SPARSE_MAX_DENSITY = 0.25
 SPARSE_MIN_SIZE = 4096
@@ -56,12 +52,10 @@ def sparse_enough(x):
 
 
 # The sparse forward walks the input features in blocks, so that the weight rows of one block (at most
-# SPARSE_BLOCK_BYTES) stay in a core's L2 (512 KB here) while every row of the batch adds its nonzeros from
-# that block, instead of each row fetching its weight rows from L3 again. Measured on 2 cores, batch 128,
-# MNIST pixels: 784 -> 300 (blocks of 218 features) the forward alone 0.91x the unblocked one with a cold
-# cache, a training step 0.94-0.97x (three paired runs); 784 -> 1024 (blocks of 64) a step 1.0x. With 4096
-# outputs a block would hold 16 rows, and re-reading the output rows for every block cost more than it
-# saved (the forward 1.08x): below SPARSE_MIN_BLOCK rows a layer is one block.
+# SPARSE_BLOCK_BYTES) stay in a core's L2 while every row of the batch adds its nonzeros from that block,
+# instead of each row fetching its weight rows from L3 again. A block of few weight rows (a very wide
+# layer) saves less than re-reading the output rows for every block costs: below SPARSE_MIN_BLOCK rows a
+# layer is one block.
 SPARSE_BLOCK_BYTES = 256 << 10
 SPARSE_MIN_BLOCK = 64
 
@@ -128,7 +122,7 @@ def sparse_weight_grad(x, cols, count, gz, parts):
 
     The input features are split into `parts` blocks, one per thread (threads never write the same weight
     row); each block first lists, per feature, the rows where it is nonzero, then sums four of them at a
-    time. (numba's get_num_threads inside the kernel would stop numba from caching it.)"""
+    time."""
     n, n_in = x.shape
     m = gz.shape[1]
     gwt = np.empty((n_in, m), gz.dtype)
@@ -166,15 +160,14 @@ def sparse_weight_grad(x, cols, count, gz, parts):
     return gwt
 
 
-def linear_forward(x, wt, b, code, sparse=False):
-    """act(x @ wt + b) -> (y, nonzeros): one numba kernel, the sparse one when asked (see sparse_enough),
-    then sigmoid/tanh in place on numpy's SIMD ufuncs. nonzeros (None on the dense path) is what
-    linear_backward needs to take the sparse path too."""
+def linear_forward(x, wt, b, code, sparse_parts=0):
+    """act(x @ wt + b) -> (y, nonzeros): one numba kernel, the sparse one on `sparse_parts` threads when
+    that is positive (see sparse_enough), then sigmoid/tanh in place on numpy's SIMD ufuncs. nonzeros
+    (None on the dense path) is what linear_backward needs to take the sparse path too."""
     relu = code == RELU
-    if sparse:
-        limit_scipy_blas()  # numba's threads are about to run: OpenBLAS's must not spin against them (blas.py)
-        y, cols, count = sparse_affine(x, wt, b, relu, get_num_threads(), sparse_block(*wt.shape, wt.itemsize))
-        nonzeros = cols, count
+    if sparse_parts:
+        y, cols, count = sparse_affine(x, wt, b, relu, sparse_parts, sparse_block(*wt.shape, wt.itemsize))
+        nonzeros = cols, count, sparse_parts
     else:
         y, nonzeros = affine(x, wt, b, relu), None
     return (y if code in (IDENTITY, RELU) else activate_inplace(y, code)), nonzeros
@@ -219,5 +212,6 @@ def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
         gx, gwt, gb = dense_backward(x, wt, y, g, code, need_gx)
         return (gx if need_gx else None), gwt, gb
     gz, gb = act_bias_grad(y, g, code)
-    gwt = sparse_weight_grad(x, *nonzeros, gz, get_num_threads())
+    cols, count, parts = nonzeros
+    gwt = sparse_weight_grad(x, cols, count, gz, parts)
     return (matmul(gz, wt.T) if need_gx else None), gwt, gb

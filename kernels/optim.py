@@ -1,36 +1,25 @@
 """In-place optimizer updates on flattened (1-D, contiguous) parameter views: torch.optim's rules.
 
-Hyperparameters arrive as scalars of the parameter's dtype, so a float32 update stays in float32 and the
-loops vectorise; the branches sit outside the loops for the same reason.
-
-A big parameter is updated on all of numba's threads, but only while SciPy's OpenBLAS is on one thread
-(blas.py: once the sparse kernels run, numba owns the cores; before that, OpenBLAS's spinning workers would
-fight numba's). Measured on 2 cores, float32: SGD with momentum on 235k elements (MNIST 784x300) 61-73 ->
-38-50 us, on 3.2M (784x4096) 3.1-3.5 -> 2.2-2.3 ms; Adam on 235k 336-347 -> 208-220 us. Each element is
-updated by exactly one thread with the same operations, so the result does not depend on the thread count.
+Every rule runs through one launcher, `update`, serial or split over `parts` threads: an update rule is
+an inline loop over a slice (below), a code in RULES, and a branch in `_apply`. Hyperparameters arrive as
+scalars of the parameter's dtype, so a float32 update stays in float32 and the loops vectorise; the
+branches sit outside the loops for the same reason. Each element is updated by exactly one thread with the
+same operations, so the result does not depend on the number of parts.
 """
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from .blas import scipy_blas_single_threaded
 from .jit import kernel, parallel_kernel
 
-# Below this many elements starting the threads (a few microseconds) costs more than splitting saves
-# (SGD at 32k elements: 7-9 us either way; at 64k: 16 -> 12 us).
-PARALLEL_MIN_SIZE = 1 << 16
-
-
-def update_parts(n):
-    """How many threads an update of n elements uses: all of numba's for a big one that may use them, else 1."""
-    if n < PARALLEL_MIN_SIZE or not scipy_blas_single_threaded():
-        return 1
-    return get_num_threads()
+SGD, NESTEROV, ADAM = 0, 1, 2
+RULES = {'sgd': SGD, 'nesterov': NESTEROV, 'adam': ADAM}
 
 
 # The loops run over whole (sliced) arrays from index 0: with a start index numba cannot prove
-# non-negative, every access gets a negative-index check and the loop stops vectorising (7x slower).
+# non-negative, every access gets a negative-index check and the loop stops vectorising.
 @njit(inline='always')
 def _sgd(p, g, buf, lr, momentum, weight_decay, nesterov):
+    """torch.optim.SGD; buf starts at zeros, so buf = d on the first step (unused without momentum)."""
     if momentum == 0:
         for i in range(p.shape[0]):
             p[i] -= lr * (g[i] + weight_decay * p[i])
@@ -45,30 +34,10 @@ def _sgd(p, g, buf, lr, momentum, weight_decay, nesterov):
             p[i] -= lr * buf[i]
 
 
-@kernel
-def _sgd_serial(p, g, buf, lr, momentum, weight_decay, nesterov):
-    _sgd(p, g, buf, lr, momentum, weight_decay, nesterov)
-
-
-@parallel_kernel
-def _sgd_parallel(p, g, buf, lr, momentum, weight_decay, nesterov, parts):
-    n = p.shape[0]
-    for t in prange(parts):
-        lo, hi = n * t // parts, n * (t + 1) // parts
-        _sgd(p[lo:hi], g[lo:hi], buf[lo:hi], lr, momentum, weight_decay, nesterov)
-
-
-def sgd_step(p, g, buf, lr, momentum, weight_decay, nesterov):
-    """SGD with weight decay and (Nesterov) momentum; buf starts at zeros, so buf = g on the first step."""
-    parts = update_parts(p.shape[0])
-    if parts > 1:
-        _sgd_parallel(p, g, buf, lr, momentum, weight_decay, nesterov, parts)
-    else:
-        _sgd_serial(p, g, buf, lr, momentum, weight_decay, nesterov)
-
-
 @njit(inline='always')
 def _adam(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt):
+    """torch.optim.Adam (L2 weight decay added to the gradient), with the bias corrections precomputed:
+    step_size = lr / (1 - beta1^t), inv_bias2_sqrt = 1 / sqrt(1 - beta2^t)."""
     one_b1 = 1 - beta1
     one_b2 = 1 - beta2
     for i in range(p.shape[0]):
@@ -80,24 +49,35 @@ def _adam(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt
         p[i] -= step_size * mi / (np.sqrt(vi) * inv_bias2_sqrt + eps)
 
 
+@njit(inline='always')
+def _apply(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5):
+    if rule == ADAM:
+        _adam(p, g, s1, s2, h0, h1, h2, h3, h4, h5)
+    else:
+        _sgd(p, g, s1, h0, h1, h2, rule == NESTEROV)
+
+
 @kernel
-def _adam_serial(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt):
-    _adam(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt)
+def _update_serial(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5):
+    _apply(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5)
 
 
 @parallel_kernel
-def _adam_parallel(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt, parts):
+def _update_parallel(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5, parts):
     n = p.shape[0]
     for t in prange(parts):
         lo, hi = n * t // parts, n * (t + 1) // parts
-        _adam(p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi], step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt)
+        # a state that is not used (SGD without momentum) is empty: its slice stays empty
+        a, b = s1[min(lo, s1.shape[0]):min(hi, s1.shape[0])], s2[min(lo, s2.shape[0]):min(hi, s2.shape[0])]
+        _apply(rule, p[lo:hi], g[lo:hi], a, b, h0, h1, h2, h3, h4, h5)
 
 
-def adam_step(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt):
-    """Adam (L2 weight decay added to the gradient, as torch.optim.Adam) with the bias corrections
-    precomputed by the caller: step_size = lr / (1 - beta1^t), inv_bias2_sqrt = 1 / sqrt(1 - beta2^t)."""
-    parts = update_parts(p.shape[0])
+def update(rule, p, g, s1, s2, hyper, parts=1):
+    """Updates p (and its state s1, s2: arrays like p, or empty when the rule does not use them) in place
+    from its gradient g, on `parts` threads. hyper: six scalars of p's dtype, the rule's hyperparameters
+    in its loop's order, padded with zeros (SGD: lr, momentum, weight_decay; Adam: step_size, beta1,
+    beta2, eps, weight_decay, inv_bias2_sqrt)."""
     if parts > 1:
-        _adam_parallel(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt, parts)
+        _update_parallel(rule, p, g, s1, s2, *hyper, parts)
     else:
-        _adam_serial(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt)
+        _update_serial(rule, p, g, s1, s2, *hyper)

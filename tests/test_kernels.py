@@ -1,4 +1,5 @@
 """Each kernel against a plain-numpy reference of the same maths, for both dtypes and awkward shapes."""
+import re
 import subprocess
 import sys
 
@@ -28,12 +29,12 @@ def log_softmax_ref(x):
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def check_linear(x, wt, b, g, name, sparse=False):
-    """linear_forward/backward (dense, or the sparse kernels) against numpy in float64."""
+def check_linear(x, wt, b, g, name, sparse_parts=0):
+    """linear_forward/backward (dense, or the sparse kernels on sparse_parts threads) against numpy in float64."""
     dtype = x.dtype.type
     tol = dict(TOL[dtype], atol=TOL[dtype]['atol'] * max(x.shape))  # sums of up to 784 products
     code = kernels.ACTIVATION_CODES[name]
-    y, nonzeros = kernels.linear_forward(x, wt, b, code, sparse)
+    y, nonzeros = kernels.linear_forward(x, wt, b, code, sparse_parts)
     x64, wt64 = x.astype(np.float64), wt.astype(np.float64)
     ref = ACT[name](x64 @ wt64 + b)
     assert y.dtype == dtype and y.shape == ref.shape
@@ -72,7 +73,7 @@ def test_sparse_linear_matches_numpy(dtype, shape, density, name):
     n, k = shape
     m = 300 if k == 784 else k + 5
     x = sparse_data(shape, dtype, density, 11)
-    cols, count = check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, True)
+    cols, count, _ = check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, 2)
     for i in range(n):
         np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
 
@@ -121,7 +122,7 @@ def test_sparse_input_skips_nan_weights_it_never_meets():
     x[0, 0], x[1, 1] = 1, np.nan
     wt = np.ones((3, 2), np.float32)
     wt[2] = np.nan
-    y, _ = kernels.linear_forward(x, wt, np.zeros(2, np.float32), kernels.IDENTITY, True)
+    y, _ = kernels.linear_forward(x, wt, np.zeros(2, np.float32), kernels.IDENTITY, 2)
     np.testing.assert_array_equal(y[0], [1, 1])
     assert np.isnan(y[1]).all()
 
@@ -183,7 +184,8 @@ def test_sgd_step(dtype, momentum, nesterov, wd):
         d = d + momentum * rbuf if nesterov else rbuf
     rp = rp - 0.1 * d
     s = np.dtype(dtype).type
-    kernels.sgd_step(p, g, buf if momentum else p[:0], s(0.1), s(momentum), s(wd), nesterov)
+    rule = kernels.RULES['nesterov' if nesterov else 'sgd']
+    kernels.update(rule, p, g, buf if momentum else p[:0], p[:0], (s(0.1), s(momentum), s(wd), s(0), s(0), s(0)))
     np.testing.assert_allclose(p, rp, **TOL[dtype])
     if momentum:
         np.testing.assert_allclose(buf, rbuf, **TOL[dtype])
@@ -199,7 +201,8 @@ def test_adam_step(dtype):
     rv = b2 * v + (1 - b2) * d * d
     rp = p - lr / (1 - b1 ** step) * rm / (np.sqrt(rv) / np.sqrt(1 - b2 ** step) + eps)
     s = np.dtype(dtype).type
-    kernels.adam_step(p, g, m, v, s(lr / (1 - b1 ** step)), s(b1), s(b2), s(eps), s(wd), s(1 / np.sqrt(1 - b2 ** step)))
+    kernels.update(kernels.RULES['adam'], p, g, m, v,
+                   (s(lr / (1 - b1 ** step)), s(b1), s(b2), s(eps), s(wd), s(1 / np.sqrt(1 - b2 ** step))))
     for got, want in ((p, rp), (m, rm), (v, rv)):
         np.testing.assert_allclose(got, want, **TOL[dtype])
 
@@ -208,36 +211,35 @@ def test_adam_step(dtype):
 @pytest.mark.parametrize('parts', [2, 3])
 def test_threaded_updates_equal_serial(dtype, parts):
     """Big parameters are updated in parts on numba's threads: bit for bit what the serial loop gives."""
-    from fastgrad.kernels import optim
     s = np.dtype(dtype).type
     n = 1001  # not a multiple of the parts
-    for momentum, nesterov, wd in [(0.0, False, 0.0), (0.9, False, 0.01), (0.8, True, 0.1)]:
-        p, g, buf = data(n, dtype, 1), data(n, dtype, 2), data(n, dtype, 3)
-        if not momentum:
-            buf = p[:0]
-        args = s(0.1), s(momentum), s(wd), nesterov
-        p2, buf2 = p.copy(), buf.copy()
-        optim._sgd_serial(p, g, buf, *args)
-        optim._sgd_parallel(p2, g, buf2, *args, parts)
-        np.testing.assert_array_equal(p2, p)
-        np.testing.assert_array_equal(buf2, buf)
-    p, g, m, v = data(n, dtype, 1), data(n, dtype, 2), data(n, dtype, 3), np.abs(data(n, dtype, 4))
-    args = s(0.01), s(0.9), s(0.999), s(1e-8), s(0.1), s(1.2)
-    copies = p.copy(), m.copy(), v.copy()
-    optim._adam_serial(p, g, m, v, *args)
-    optim._adam_parallel(copies[0], g, copies[1], copies[2], *args, parts)
-    for got, want in zip(copies, (p, m, v)):
-        np.testing.assert_array_equal(got, want)
+    cases = [('sgd', 0.0, 0.0), ('sgd', 0.9, 0.01), ('nesterov', 0.8, 0.1), ('adam', 0.9, 0.1)]
+    for rule, momentum, wd in cases:
+        p, g, s1, s2 = data(n, dtype, 1), data(n, dtype, 2), data(n, dtype, 3), np.abs(data(n, dtype, 4))
+        if rule != 'adam':
+            s2 = p[:0]
+            scalars = s(0.1), s(momentum), s(wd), s(0), s(0), s(0)
+            if not momentum:
+                s1 = p[:0]
+        else:
+            scalars = s(0.01), s(0.9), s(0.999), s(1e-8), s(wd), s(1.2)
+        serial, threaded = [a.copy() for a in (p, s1, s2)], [a.copy() for a in (p, s1, s2)]
+        kernels.update(kernels.RULES[rule], serial[0], g, serial[1], serial[2], scalars, 1)
+        kernels.update(kernels.RULES[rule], threaded[0], g, threaded[1], threaded[2], scalars, parts)
+        assert not np.array_equal(serial[0], p)
+        for got, want in zip(threaded, serial):
+            np.testing.assert_array_equal(got, want)
 
 
-def test_updates_use_threads_only_when_big_and_openblas_is_on_one_thread(monkeypatch):
+def test_updates_use_threads_only_when_big_and_numba_owns_the_cores():
     from numba import get_num_threads
-    from fastgrad.kernels import optim
-    monkeypatch.setattr(optim, 'scipy_blas_single_threaded', lambda: True)
-    assert optim.update_parts(optim.PARALLEL_MIN_SIZE) == get_num_threads()
-    assert optim.update_parts(optim.PARALLEL_MIN_SIZE - 1) == 1
-    monkeypatch.setattr(optim, 'scipy_blas_single_threaded', lambda: False)  # OpenBLAS's threads would fight
-    assert optim.update_parts(10 * optim.PARALLEL_MIN_SIZE) == 1
+    from fastgrad import backend
+    with backend.threads_restored():
+        backend.set_threads('numba')
+        assert backend.update_parts(backend.PARALLEL_MIN_SIZE) == get_num_threads()
+        assert backend.update_parts(backend.PARALLEL_MIN_SIZE - 1) == 1
+        backend.set_threads('blas')  # OpenBLAS's threads would fight numba's
+        assert backend.update_parts(10 * backend.PARALLEL_MIN_SIZE) == 1
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
@@ -281,10 +283,9 @@ def test_gradcheck_through_fused_ops():
 
 WARMUP_CHECK = """
 import sys, numba, numpy as np, fastgrad
-from fastgrad import kernels
-from fastgrad.kernels import activations, linear, optim, softmax
+from fastgrad.kernels import activations, blas, linear, optim, softmax
 fastgrad.warmup(np.float32)
-missing = [f'{m.__name__}.{name}' for m in (activations, linear, optim, softmax) for name, f in vars(m).items()
+missing = [f'{m.__name__}.{name}' for m in (activations, blas, linear, optim, softmax) for name, f in vars(m).items()
            if isinstance(f, numba.core.registry.CPUDispatcher) and not f.signatures
            and f.targetoptions.get('inline') != 'always']  # inlined into its callers, never called on its own
 print(missing)
@@ -301,28 +302,57 @@ def test_warmup_compiles_every_kernel():
 
 
 BLAS_THREADS_CHECK = """
-import numpy as np, fastgrad
-from fastgrad import kernels
+import numpy as np, fastgrad as fg
+from fastgrad import backend
 from threadpoolctl import threadpool_info
 
 def threads():
     return {i['filepath']: i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}
 
-scipy_libs = [lib.filepath for lib in kernels.scipy_blas()]
+def sparse_step():
+    x = np.zeros((128, 784), np.float32)
+    x[:, ::7] = 1
+    layer = fg.Linear(784, 3, rng=0)
+    layer(fg.TensorNode(x, requires_grad=False), activation='relu').sum().backward()
+
+scipy_libs = [lib.filepath for lib in backend.scipy_blas()]
 assert scipy_libs, threadpool_info()
+assert fg.threads()['policy'] == 'auto' and fg.threads()['owner'] == 'blas', fg.threads()
+fg.set_threads(blas_threads=2)  # whatever the environment says (a Dask test may have set OPENBLAS_NUM_THREADS=1)
 before = threads()
-fastgrad.warmup()
+assert all(before[f] == 2 for f in scipy_libs), before
+fg.warmup()
 assert threads() == before, (before, threads())  # warmup leaves the thread counts as it found them
-x = np.zeros((128, 784), np.float32)
-x[:, ::7] = 1
-kernels.linear_forward(x, np.ones((784, 3), np.float32), np.zeros(3, np.float32), kernels.RELU, True)
+assert fg.threads()['owner'] == 'blas', fg.threads()
+sparse_step()  # auto: the first sparse input hands the cores to numba
 after = threads()
+assert fg.threads()['owner'] == 'numba' and fg.threads()['scipy_blas'] == 1, fg.threads()
 assert all(after[f] == 1 for f in scipy_libs), after
 assert all(after[f] == n for f, n in before.items() if f not in scipy_libs), (before, after)  # numpy's
+fg.set_threads('blas')  # the user gives the cores back to OpenBLAS: its threads return, the sparse path is off
+assert threads() == before and fg.threads()['owner'] == 'blas', (before, threads())
+sparse_step()
+assert threads() == before and fg.threads()['owner'] == 'blas', fg.threads()
+fg.set_threads('numba', numba_threads=1)
+assert fg.threads()['numba'] == 1 and fg.threads()['scipy_blas'] == 1, fg.threads()
+print('ok')
 """
 
 
 @pytest.mark.slow
-def test_sparse_path_takes_scipys_blas_to_one_thread_and_leaves_numpys():
+def test_thread_policy_hands_the_cores_over_once_and_leaves_numpys_blas():
     run = subprocess.run([sys.executable, '-c', BLAS_THREADS_CHECK], capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.returncode == 0 and 'ok' in run.stdout, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(policy='gpu'), "policy must be one of auto, blas, numba, not 'gpu'"),
+    (dict(numba_threads=0), 'numba_threads must be a positive integer, not 0'),
+    (dict(blas_threads=1.5), 'blas_threads must be a positive integer, not 1.5'),
+    (dict(numba_threads=10 ** 6), 'numba_threads=1000000, but numba started'),
+])
+def test_set_threads_names_a_bad_argument(kwargs, message):
+    before = fg.threads()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fg.set_threads(**kwargs)
+    assert fg.threads() == before

@@ -1,11 +1,15 @@
 """The hot kernels at MNIST-MLP sizes (batch 128, 784 -> 300 -> 10), each beside plain numpy doing the same maths.
 
 Inputs live at module level and every kernel runs once at import: asv times these microsecond
-benchmarks without a setup, and compilation is not throughput.
+benchmarks without a setup, and compilation is not throughput. The parallel kernels run on numba's
+threads with SciPy's OpenBLAS on one, as training runs them once an input is sparse.
 """
 import numpy as np
 
-from fastgrad import kernels
+from fastgrad import backend, kernels
+
+backend.set_threads('numba')
+PARTS = backend.sparse_parts()
 
 _rng = np.random.default_rng(0)
 X = _rng.random((128, 784), dtype=np.float32)
@@ -14,7 +18,7 @@ W = (_rng.standard_normal((300, 784)) * 0.05).astype(np.float32)
 W_T = np.ascontiguousarray(W.T)  # (in, out): what fastgrad's column-major w gives without a copy
 B = np.zeros(300, np.float32)
 Y, _ = kernels.linear_forward(X, W_T, B, kernels.RELU)
-Y_SPARSE, NONZEROS = kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, True)
+Y_SPARSE, NONZEROS = kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, PARTS)
 G = _rng.standard_normal((128, 300)).astype(np.float32)
 LOGITS = (_rng.standard_normal((128, 10)) * 3).astype(np.float32)
 TARGETS = _rng.integers(0, 10, 128)
@@ -26,9 +30,11 @@ F32 = np.float32
 kernels.linear_backward(X, W_T, Y, G, kernels.RELU, False)
 kernels.linear_backward(X_SPARSE, W_T, Y_SPARSE, G, kernels.RELU, False, NONZEROS)
 kernels.cross_entropy_backward(PROBS, TARGETS, 1 / 128)
-kernels.sgd_step(P.copy(), GRAD, BUF.copy(), F32(0.01), F32(0.9), F32(0), False)
+SGD = (F32(0.01), F32(0.9), F32(0), F32(0), F32(0), F32(0))
 ADAM = (F32(1e-3 / (1 - 0.9 ** 10)), F32(0.9), F32(0.999), F32(1e-8), F32(0), F32(1 / np.sqrt(1 - 0.999 ** 10)))
-kernels.adam_step(P.copy(), GRAD, M.copy(), V.copy(), *ADAM)
+UPDATE_PARTS = backend.update_parts(P.size)
+kernels.update(kernels.RULES['sgd'], P.copy(), GRAD, BUF.copy(), P[:0], SGD, UPDATE_PARTS)
+kernels.update(kernels.RULES['adam'], P.copy(), GRAD, M.copy(), V.copy(), ADAM, UPDATE_PARTS)
 
 
 def time_linear_relu_forward_fastgrad():
@@ -50,7 +56,7 @@ def time_linear_relu_backward_numpy():
 
 def time_sparse_input_linear_relu_forward_fastgrad():
     """Deciding and finding the nonzeros included: what the first layer pays for an MNIST-like batch."""
-    kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, kernels.sparse_enough(X_SPARSE))
+    kernels.linear_forward(X_SPARSE, W_T, B, kernels.RELU, PARTS if kernels.sparse_enough(X_SPARSE) else 0)
 
 
 def time_sparse_input_linear_relu_backward_fastgrad():
@@ -78,7 +84,7 @@ def time_cross_entropy_backward_numpy():
 
 
 def time_sgd_momentum_step_fastgrad():
-    kernels.sgd_step(P, GRAD, BUF, F32(0.01), F32(0.9), F32(0), False)
+    kernels.update(kernels.RULES['sgd'], P, GRAD, BUF, P[:0], SGD, UPDATE_PARTS)
 
 
 def time_sgd_momentum_step_numpy():
@@ -88,7 +94,7 @@ def time_sgd_momentum_step_numpy():
 
 
 def time_adam_step_fastgrad():
-    kernels.adam_step(P, GRAD, M, V, *ADAM)
+    kernels.update(kernels.RULES['adam'], P, GRAD, M, V, ADAM, UPDATE_PARTS)
 
 
 def time_adam_step_numpy():
