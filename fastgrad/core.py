@@ -1,8 +1,12 @@
 """The computation graph: TensorNode (values), OpNode (an Op applied to nodes), Op, backward, no_grad.
 
 Backward walks the graph once, iteratively, in reverse topological order: every OpNode's backward runs
-exactly once, after the gradients of all its outputs are complete. Gradients are reduced back to each
-input's shape (undoing broadcasting) in one place, `_reduce_to_shape`, not in every op.
+exactly once, after the gradients of all its outputs are complete. Two rules hold for every op, built-in
+or written by a user:
+- a backward receives gradient arrays that are its own to modify (students write `go[x <= 0] = 0`):
+  the engine copies them for any op that does not promise to leave them alone (`Op.edits_goutputs`);
+- a backward returns each input's own shape. Only ops that broadcast by design (`Op.broadcasts`) may
+  return the broadcast shape, which is summed back in one place, `_reduce_to_shape`, not in every op.
 
 The operators on TensorNode (`+`, `@`, `.sum()`, ...) run ops that ops.py defines on top of this module;
 ops.py names them in OPERATORS, so that the import points one way only.
@@ -51,14 +55,16 @@ class TensorNode:
     """A value in the computation graph, with the gradient of the loss over it.
 
     `grad` reads as zeros before any backward and accumulates over backward calls, as in vugrad and
-    PyTorch. `requires_grad=False` marks data: nothing that depends only on it gets a gradient.
+    PyTorch. `requires_grad=False` marks data: nothing that depends only on it gets a gradient. The
+    positional arguments are vugrad's: `TensorNode(value, source, name)`.
     """
 
     __array_ufunc__ = None  # so `array + node` calls TensorNode.__radd__ instead of numpy's elementwise loop
 
-    def __init__(self, value, source=None, requires_grad=True):
+    def __init__(self, value, source=None, name=None, *, requires_grad=True):
         self.value = np.asarray(value)
         self.source = source
+        self.name = name  # vugrad's optional label, shown by repr
         self.requires_grad = bool(requires_grad)
         self._grad = None         # None means zeros; see `grad`
         self._grad_owned = False  # whether _grad is ours to update in place (not shared with another node)
@@ -116,13 +122,20 @@ class TensorNode:
 
     def __repr__(self):
         source = None if self.source is None else self.source.op.__name__
-        return f'TensorNode(shape={self.shape}, dtype={self.dtype}, source={source})'
+        name = '' if self.name is None else f'{self.name!r}, '
+        return f'TensorNode({name}shape={self.shape}, dtype={self.dtype}, source={source})'
 
     __str__ = __repr__
 
     # -- the graph below this node
-    def backward(self):
-        """Backpropagates from this single-element node; gradients accumulate into every node below."""
+    def backward(self, start=True):
+        """Backpropagates from this single-element node; gradients accumulate into every node below.
+
+        `start` is vugrad's signature: there, start=False is the recursive step that continues from a node
+        inside the graph; this backward walks the whole graph in one call and has no such step."""
+        if not start:
+            raise ValueError('backward(start=False) is vugrad\'s internal recursion step; fastgrad\'s backward '
+                             'walks the whole graph from the node it is called on: call backward()')
         if self.value.size != 1:
             raise ValueError(f'backward() starts from a single-element node (a loss); this node has shape '
                              f'{self.value.shape}: reduce it first, e.g. with .sum()')
@@ -253,7 +266,22 @@ class Op:
     forward gets raw arrays (and keyword constants, which get no gradient) and returns one array or a tuple.
     backward gets one gradient per output and returns one per input (or None). `context['needs_input_grad']`
     is a tuple of bools, one per input, set before forward, so either can skip work nobody needs.
+
+    backward may write into the gradient arrays it gets: they are its own (copies where needed). An op whose
+    backward never does sets `edits_goutputs = False` and saves the copies; overriding backward in a subclass
+    sets it back to True unless the subclass says otherwise. backward returns gradients of each input's own
+    shape, except in an op with `broadcasts = True` (numpy broadcasting in forward), whose gradients of the
+    broadcast shape the engine sums back to each input's shape.
     """
+
+    edits_goutputs = True
+    broadcasts = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the promise is about one backward's code: a new backward makes none until it says so
+        if 'backward' in vars(cls) and 'edits_goutputs' not in vars(cls):
+            cls.edits_goutputs = True
 
     @classmethod
     def do_forward(cls, *inputs, **constants):
@@ -289,22 +317,28 @@ class Op:
 
 
 def _reduce_to_shape(op, index, g, shape):
-    """Sums a broadcast gradient back to the shape of the input it belongs to."""
+    """g as an array of the input's shape. From an op that broadcasts by design, a gradient of the broadcast
+    shape is summed back over the broadcast dimensions (numpy's rules); from any other op a wrong shape is
+    the op's bug (a forgotten sum in backward, say) and raises."""
     g = np.asarray(g)
     if g.shape == shape:
         return g
-    extra = g.ndim - len(shape)
-    if extra >= 0 and all(s in (1, gs) for s, gs in zip(shape, g.shape[extra:])):
-        axes = tuple(range(extra)) + tuple(extra + i for i, s in enumerate(shape) if s == 1 and g.shape[extra + i] != 1)
-        g = g.sum(axis=axes, keepdims=True)
-        if extra:
-            g = g.reshape(g.shape[extra:])
-        if g.shape == shape:
-            return g
-    if g.size == 1 and int(np.prod(shape)) == 1:  # e.g. a () gradient for a (1, 1) input
-        return g.reshape(shape)
+    if op.broadcasts:
+        extra = g.ndim - len(shape)
+        if extra >= 0 and all(s in (1, gs) for s, gs in zip(shape, g.shape[extra:])):
+            axes = tuple(range(extra)) + tuple(extra + i for i, s in enumerate(shape) if s == 1 and g.shape[extra + i] != 1)
+            g = g.sum(axis=axes, keepdims=True)
+            if extra:
+                g = g.reshape(g.shape[extra:])
+            if g.shape == shape:
+                return g
+        if g.size == 1 and int(np.prod(shape)) == 1:  # e.g. a () gradient for a (1, 1) input
+            return g.reshape(shape)
+        why = ''
+    else:
+        why = f' ({op.__name__} does not broadcast: its backward must return each input\'s own shape)'
     raise ValueError(f'{op.__name__}.backward returned a gradient of shape {np.shape(g)} for input {index}, '
-                     f'which has shape {shape}')
+                     f'which has shape {shape}{why}')
 
 
 def _topological_opnodes(root):
@@ -342,6 +376,7 @@ def backward(root):
     pending = {root: seed}
     leaves = [root] if root.source is None else []
     for opnode in _topological_opnodes(root):
+        op = opnode.op
         goutputs = []
         for ref, value in zip(opnode._outputs, opnode._output_values):
             node = ref()
@@ -350,20 +385,22 @@ def backward(root):
                 g = np.zeros(value.shape, dtype=_grad_dtype(value))
             else:
                 node._accumulate_grad(g)
+                if op.edits_goutputs:  # g is also node.grad, and may be another input's gradient
+                    g = np.array(g)
             goutputs.append(g)
-        ginputs = opnode.op.backward(opnode.context, *goutputs)
+        ginputs = op.backward(opnode.context, *goutputs)
         if type(ginputs) is not tuple:
             ginputs = (ginputs,)
         inputs = opnode.inputs
         if len(ginputs) != len(inputs):
-            raise ValueError(f'{opnode.op.__name__}.backward returned {len(ginputs)} gradients for '
+            raise ValueError(f'{op.__name__}.backward returned {len(ginputs)} gradients for '
                              f'{len(inputs)} inputs')
         for i, (node, g) in enumerate(zip(inputs, ginputs)):
             if g is None or not node.requires_grad:
                 continue
             value = node.value
             if getattr(g, 'shape', None) != value.shape:
-                g = _reduce_to_shape(opnode.op, i, g, value.shape)
+                g = _reduce_to_shape(op, i, g, value.shape)
             if g.dtype != value.dtype:
                 g = g.astype(_grad_dtype(value))
             if node in pending:  # never add in place: g may be shared with another input or the context
