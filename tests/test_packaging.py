@@ -1,4 +1,4 @@
-"""The distribution as built: a wheel that claims no import name but fastgrad's."""
+"""The distribution as built: a wheel that claims no import name but fastgrad's, and running from a clone's parent."""
 import shutil
 import subprocess
 import sys
@@ -37,3 +37,27 @@ def test_wheel_holds_no_import_name_but_fastgrad(tmp_path):
     assert 'fastgrad/kernels/linear.py' in names
     assert 'fastgrad/kernels/__init__.py' in names
 
+
+def python_in(folder, code, *flags):
+    return subprocess.run([sys.executable, *flags, '-c', code], cwd=folder, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_the_installed_package_wins_in_the_folder_above_a_clone(tmp_path):
+    """`import fastgrad` beside a clone named fastgrad gets the installed package (editable or not), not the
+    clone's folder as an empty namespace package; `python -m fastgrad` works there too."""
+    import fastgrad
+    source_copy(tmp_path / 'fastgrad')
+    run = python_in(tmp_path, 'import fastgrad, fastgrad.kernels; print(fastgrad.__file__); fastgrad.TensorNode')
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == fastgrad.__file__
+    run = subprocess.run([sys.executable, '-m', 'fastgrad', '--help'], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0 and 'usage: fastgrad' in run.stdout, run.stderr
+
+
+@pytest.mark.slow
+def test_the_folder_above_a_clone_without_an_install_says_so(tmp_path):
+    clone = source_copy(tmp_path / 'fastgrad')
+    run = python_in(tmp_path, 'import fastgrad', '-S', '-E')  # no site-packages: nothing installed
+    assert run.returncode == 1
+    assert f'{clone} is the fastgrad repository' in run.stderr and 'fastgrad is not installed' in run.stderr
