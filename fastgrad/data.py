@@ -45,12 +45,16 @@ def load_synth(num_train=60_000, num_val=10_000, seed=None, dtype=np.float32):
 
     Returns (xtrain, ytrain), (xval, yval), 2.
     """
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((num_train + num_val, 2))
-    q = np.einsum('bf, fk, bk -> b', x, np.array([[1, 0.5], [1, 0.2]]), x)
-    y = (q > 0.6).astype(np.int64)
+    x = np.random.default_rng(seed).standard_normal((num_train + num_val, 2))
+    y = synth_labels(x)
     x = x.astype(dtype)
     return (x[:num_train], y[:num_train]), (x[num_train:], y[num_train:]), 2
+
+
+def synth_labels(x):
+    """The classes of vugrad's task for points x (n, 2): 1 where x^T [[1, .5], [1, .2]] x > 0.6, else 0 (int64)."""
+    q = np.einsum('bf, fk, bk -> b', x, np.array([[1, 0.5], [1, 0.2]]), x)
+    return (q > 0.6).astype(np.int64)
 
 
 # -- IDX files
