@@ -17,6 +17,7 @@ def fastgrad(*args, **kwargs):
     return subprocess.run([sys.executable, '-m', 'fastgrad', *args], capture_output=True, text=True, **kwargs)
 
 
+@pytest.mark.slow
 def test_train_synth_end_to_end(tmp_path, capsys):
     log, plot = tmp_path / 'log.jsonl', tmp_path / 'curves.png'
     code = cli.main(['train', '-D', 'synth', '-e', '3', '--activation', 'relu', '--seed', '1', '-l', '0.05',
@@ -72,6 +73,7 @@ def history(folder):
     return [{k: v for k, v in r.items() if k not in ('seconds', 'samples_per_second')} for r in meta['history']]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
 def test_resume_equals_uninterrupted(tmp_path, optimizer):
     config = dict(dataset='synth', epochs=4, hidden=[6], optimizer=optimizer, lr=0.02, seed=5)
