@@ -26,9 +26,10 @@ def test_compare_frameworks_prints_medians_and_round_ratios():
     parsed = [re.fullmatch(r'(\d+\.\d\d)x \((\d+\.\d\d)-(\d+\.\d\d)\)', cell) for cell in ratios]
     assert all(parsed), ratios  # the ratio of the medians, then the lowest and highest ratio of one round
     for _, low, high in (map(float, match.groups()) for match in parsed):
-        assert 0 < low <= high
+        assert 0 <= low <= high, run.stdout  # 0.00: a round's ratio under 0.005 (a peer stalled on a busy machine)
     # fastgrad / numpy: the ratio is of the medians before rounding, printed to two decimals; the times are
     # rounded to three, so their quotient bounds it only within what that rounding allows
     mine, numpy_s = float(times[0]), float(times[1])
     ratio, half = float(parsed[0][1]), 0.0005
-    assert (mine - half) / (numpy_s + half) - 0.005 - 1e-9 <= ratio <= (mine + half) / (numpy_s - half) + 0.005 + 1e-9
+    low, high = (mine - half) / (numpy_s + half) - 0.005, (mine + half) / (numpy_s - half) + 0.005
+    assert low - 1e-9 <= ratio <= high + 1e-9, run.stdout
