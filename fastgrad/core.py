@@ -11,29 +11,36 @@ or written by a user:
 The operators on TensorNode (`+`, `@`, `.sum()`, ...) run ops that ops.py defines on top of this module;
 ops.py names them in OPERATORS, so that the import points one way only.
 """
+import threading
 import weakref
 
 import numpy as np
 
-_grad_enabled = True
+
+class _GradMode(threading.local):
+    """Whether ops build a graph, per thread (as PyTorch's grad mode): one thread's no_grad() leaves the
+    others alone. Every thread starts with gradients on."""
+    enabled = True
+
+
+grad_mode = _GradMode()
 
 
 class no_grad:
-    """Context manager under which ops build no graph (values only, as for evaluation)."""
+    """Context manager under which ops build no graph in this thread (values only, as for evaluation)."""
 
     def __enter__(self):
-        global _grad_enabled
-        self._previous, _grad_enabled = _grad_enabled, False
+        self._previous, grad_mode.enabled = grad_mode.enabled, False
         return self
 
     def __exit__(self, *exc):
-        global _grad_enabled
-        _grad_enabled = self._previous
+        grad_mode.enabled = self._previous
         return False
 
 
 def is_grad_enabled():
-    return _grad_enabled
+    """Whether ops build a graph in the calling thread."""
+    return grad_mode.enabled
 
 
 _FLOAT64 = np.dtype(np.float64)
@@ -286,11 +293,12 @@ class Op:
     @classmethod
     def do_forward(cls, *inputs, **constants):
         needs, values = [], []
+        enabled = grad_mode.enabled  # one attribute read of the thread-local per op
         for node in inputs:
             if not isinstance(node, TensorNode):
                 raise TypeError(f'{cls.__name__}: input {len(values)} is a {type(node).__name__}, not a TensorNode '
                                 f'(wrap arrays in TensorNode, or pass constants as keyword arguments)')
-            needs.append(_grad_enabled and node.requires_grad)
+            needs.append(enabled and node.requires_grad)
             values.append(node.value)
         needs = tuple(needs)
         context = {'needs_input_grad': needs}
