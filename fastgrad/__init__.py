@@ -9,6 +9,7 @@ from .optim import SGD, Adam, StepLR, CosineAnnealingLR
 from .backend import threads, set_threads
 from .gradcheck import gradcheck, GradcheckError
 from .warmup import warmup
+from .compiled import compile, CompiledStep
 from .data import load_synth, load_mnist, read_idx, batches
 
 __version__ = '0.1.0'

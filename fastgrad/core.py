@@ -45,6 +45,13 @@ def is_grad_enabled():
 
 _FLOAT64 = np.dtype(np.float64)
 
+class _Tracing(threading.local):
+    """The recorder of the step fastgrad.compile is tracing in this thread (None: not tracing)."""
+    recorder = None
+
+
+tracing = _Tracing()
+
 # operator name -> the Op class it runs; filled in by ops.py (register_operators)
 OPERATORS = {}
 
@@ -150,7 +157,10 @@ class TensorNode:
 
     def zero_grad(self):
         """Resets the gradient of this node and of every node below it (vugrad's behaviour)."""
-        for node in self._nodes_below():
+        nodes = self._nodes_below()
+        if tracing.recorder is not None:
+            tracing.recorder.zero_grad(nodes)
+        for node in nodes:
             node._grad, node._grad_owned = None, False
 
     def clear(self):
@@ -309,10 +319,14 @@ class Op:
             output = TensorNode(raw, source=opnode, requires_grad=tracked)
             if tracked:
                 opnode._set_outputs((output,))
+            if tracing.recorder is not None:
+                tracing.recorder.op(cls, inputs, constants, context, (output,))
             return output
         outputs = [TensorNode(value, source=opnode, requires_grad=tracked) for value in raw]
         if tracked:
             opnode._set_outputs(outputs)
+        if tracing.recorder is not None:
+            tracing.recorder.op(cls, inputs, constants, context, outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
     @staticmethod
@@ -372,6 +386,8 @@ def _topological_opnodes(root):
 
 def backward(root):
     """Accumulates d root / d node into `.grad` of every node below root that requires a gradient."""
+    if tracing.recorder is not None:
+        tracing.recorder.backward(root)
     if root.source is not None and root.source.inputs is None:
         raise RuntimeError('backward() through a graph that was cleared')
     # gradients not yet complete, keyed by node (TensorNode hashes by identity)

@@ -336,35 +336,38 @@ class Log(Op):
 
 
 class _Activation(Op):
-    """An elementwise activation run by its kernels; backward uses the saved output."""
+    """An elementwise activation run by its op_kernels (which a subclass inherits); backward uses the saved output."""
     edits_goutputs = False
     code = kernels.IDENTITY
 
     @classmethod
     def forward(cls, context, x):
-        context['y'] = y = OP_KERNELS[cls.__name__].forward(x if x.dtype.kind == 'f' else prepare(x), cls.code)
+        context['y'] = y = cls.op_kernels.forward(x if x.dtype.kind == 'f' else prepare(x), cls.code)
         return y
 
     @classmethod
     def backward(cls, context, go):
         y = context['y']
         g = prepare(go, dtype=y.dtype)
-        return OP_KERNELS[cls.__name__].backward(y.reshape(-1), g.reshape(-1), cls.code).reshape(y.shape)
+        return cls.op_kernels.backward(y.reshape(-1), g.reshape(-1), cls.code).reshape(y.shape)
 
 
 class Sigmoid(_Activation):
     """1 / (1 + exp(-x)), computed without overflow."""
     code = kernels.SIGMOID
+    op_kernels = OP_KERNELS['Sigmoid']
 
 
 class ReLU(_Activation):
     """max(0, x); the gradient at 0 is 0, as in PyTorch."""
     code = kernels.RELU
+    op_kernels = OP_KERNELS['ReLU']
 
 
 class Tanh(_Activation):
     """tanh(x)."""
     code = kernels.TANH
+    op_kernels = OP_KERNELS['Tanh']
 
 
 # -- softmax family (over the last dimension)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import backend
+from .core import tracing
 from .kernels import RULES
 
 
@@ -87,11 +88,15 @@ class Optimizer:
 
     def zero_grad(self):
         """Drops the gradients (they read as zeros until the next backward), as torch's set_to_none."""
+        if tracing.recorder is not None:
+            tracing.recorder.zero_grad(self.params)
         for group in self.param_groups:
             for p in group['params']:
                 p.grad = None
 
     def step(self):
+        if tracing.recorder is not None:
+            tracing.recorder.step(self)
         for group in self.param_groups:
             for p in group['params']:
                 grad = p.grad_if_any

@@ -25,6 +25,8 @@ def add_training_options(parser, grid=False):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--final', action='store_true', help='train on all 60k MNIST images, validate on the test set')
     parser.add_argument('--data-dir', help='a folder with the four IDX files (e.g. Fashion-MNIST)')
+    parser.add_argument('--eager', action='store_true',
+                        help='run each training step op by op in Python instead of as one compiled numba call')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar, even on a terminal')
 
 

@@ -12,6 +12,7 @@ import time
 import numpy as np
 
 from . import data as datasets
+from .compiled import compile
 from .core import TensorNode, no_grad
 from .files import load_npz, save_npz
 from .functions import cross_entropy
@@ -19,6 +20,8 @@ from .modules import MLP
 from .optim import SGD, Adam, CosineAnnealingLR, StepLR
 
 CHECKPOINT_FILE = 'checkpoint.npz'
+RESUMABLE_CHANGES = ('epochs', 'eager')  # settings a run may change when it resumes
+CHUNK_BATCHES = 64  # a compiled epoch runs this many batches per call, between progress and Ctrl-C checks
 
 
 @dataclasses.dataclass
@@ -39,6 +42,7 @@ class TrainConfig:
     schedule: str = 'constant'  # or 'step' (lr x gamma every step_size epochs), 'cosine' (to 0 over the epochs)
     step_size: int = None       # None: a third of the epochs
     gamma: float = 0.1
+    eager: bool = False         # run each step op by op in Python instead of as one compiled call
 
 
 class TrainingDiverged(FloatingPointError):
@@ -79,6 +83,17 @@ def make_schedule(config, optimizer):
     raise ValueError(f"schedule must be 'constant', 'step' or 'cosine', not {config.schedule!r}")
 
 
+def training_step(model, optimizer):
+    """One step on a batch: the step fastgrad train runs, eagerly or compiled."""
+    def step(xb, yb):
+        optimizer.zero_grad()
+        loss = cross_entropy(model(TensorNode(xb, requires_grad=False)), yb)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
 def accuracy(model, x, y, batch_size=2000):
     """Fraction of rows whose largest logit is the label (in batches, without a graph)."""
     correct = 0
@@ -107,9 +122,10 @@ def load_checkpoint(folder, config, model, optimizer, rng):
     except (KeyError, ValueError):
         raise ValueError(f'{path}: not a fastgrad training checkpoint (no readable meta entry)') from None
     # settings added since the checkpoint was written take their defaults
-    saved = {**dataclasses.asdict(TrainConfig()), **meta['config'], 'epochs': config.epochs}
-    if saved != dict(dataclasses.asdict(config), epochs=config.epochs):
-        changed = sorted(k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v and k != 'epochs')
+    saved = {**dataclasses.asdict(TrainConfig()), **meta['config']}
+    changed = sorted(k for k, v in dataclasses.asdict(config).items()
+                     if saved.get(k) != v and k not in RESUMABLE_CHANGES)
+    if changed:
         raise ValueError(f'{path}: the checkpoint was made with different settings ({", ".join(changed)}); '
                          f'resume with the same ones, or use a new --checkpoint folder')
     model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
@@ -133,26 +149,33 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
         history = load_checkpoint(checkpoint, config, model, optimizer, rng)
         if schedule is not None:
             schedule.load_state_dict({'last_epoch': len(history)})
+    step = training_step(model, optimizer)
+    compiled = None if config.eager else compile(step)
+    batches = -(-len(xtrain) // config.batch_size)
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
         lr = optimizer.lr
-        running = 0.0
-        steps = datasets.batches(xtrain, ytrain, config.batch_size, rng=rng)
+        bar = None
         if progress:
             from tqdm import tqdm
-            steps = tqdm(steps, total=-(-len(xtrain) // config.batch_size), desc=f'epoch {epoch:03}', leave=False)
-        for xb, yb in steps:
-            optimizer.zero_grad()
-            loss = cross_entropy(model(TensorNode(xb, requires_grad=False)), yb)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.value)
+            bar = tqdm(total=batches, desc=f'epoch {epoch:03}', leave=False)
+        if compiled is None:
+            losses = ((float(step(xb, yb).value), len(yb))
+                      for xb, yb in datasets.batches(xtrain, ytrain, config.batch_size, rng=rng))
+        else:  # the same batch order as batches() draws: one permutation from rng
+            losses = _compiled_losses(compiled, xtrain, ytrain, config.batch_size, rng.permutation(len(xtrain)))
+        running = 0.0
+        for value, size in losses:
             if not np.isfinite(value):
                 raise TrainingDiverged(f'the training loss became {value} in epoch {epoch}; '
                                        f'try a smaller learning rate (now {config.lr})')
-            running += value * len(yb)
+            running += value * size
+            if bar is not None:
+                bar.update()
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
+        if bar is not None:
+            bar.close()
         seconds = time.perf_counter() - start
         record = {'epoch': epoch, 'val_accuracy': accuracy(model, xval, yval), 'train_loss': running, 'lr': lr,
                   'seconds': seconds, 'samples_per_second': len(xtrain) / seconds}
@@ -170,3 +193,12 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
             'final_accuracy': accuracies[-1] if accuracies else float('nan'),
             'seconds': seconds,
             'samples_per_second': len(xtrain) * len(history) / seconds if seconds else float('nan')}
+
+
+def _compiled_losses(compiled, x, y, batch_size, order):
+    """(loss, batch size) per batch of a compiled epoch, run CHUNK_BATCHES batches per call."""
+    chunk = batch_size * CHUNK_BATCHES
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        sizes = [batch_size] * (len(part) // batch_size) + ([len(part) % batch_size] if len(part) % batch_size else [])
+        yield from zip(compiled.run(x, y, batch_size, part).tolist(), sizes)

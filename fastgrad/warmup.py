@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, kernels
 from . import functions as F
 from .core import TensorNode
 from .modules import MLP, Linear
@@ -40,4 +40,5 @@ def warmup(dtype=np.float32):
         for optimizer in (SGD(params, lr=0.1), SGD(params, lr=0.1, momentum=0.9),
                           SGD(params, lr=0.1, momentum=0.9, nesterov=True), Adam(params)):
             optimizer.step()
+        kernels.activate_loop(np.zeros(2, dtype), kernels.SIGMOID)  # the activations of compiled steps
     return time.perf_counter() - start

@@ -53,3 +53,21 @@ def activation_backward(y, g, code):
     for i in range(g.shape[0]):
         gx[i] = g[i] * act_derivative(y[i], code)
     return gx
+
+
+@kernel
+def activate_loop(z, code):
+    """activate_inplace as a numba loop over a C-contiguous z, for code that runs inside numba (a compiled
+    step): sigmoid as 1 / (1 + exp(-z)), which overflows to the right limit, 0."""
+    flat = z.reshape(-1)
+    if code == SIGMOID:
+        for i in range(flat.shape[0]):
+            flat[i] = 1 / (1 + np.exp(-flat[i]))
+    elif code == TANH:
+        for i in range(flat.shape[0]):
+            flat[i] = np.tanh(flat[i])
+    elif code == RELU:
+        for i in range(flat.shape[0]):
+            v = flat[i]
+            flat[i] = v if not v < 0 else v * 0  # keeps NaN, as np.maximum
+    return z

@@ -1,0 +1,1019 @@
+"""fastgrad.compile: a training step traced once, then run as one call into numba.
+
+The first call of a compiled step runs it eagerly (it is a real step) while a recorder notes every built-in
+op applied, every backward(), zero_grad() and optimizer step(). From that record the step is written out
+as the source of one numba function: forward, backward and the optimizer updates, calling the same kernels
+the eager ops call, with every shape known at trace time written in as a constant. The source goes to a
+cache folder and is imported from there, so numba's cache serves the next process too. Later calls with
+arrays of the same shapes and dtypes run that function; a new shape or dtype traces again (an eager step
+again) and is kept beside the first.
+
+What a compiled step captures, and what it reads anew on every call:
+- parameters (nodes that require a gradient) by identity: their current arrays are passed in on every
+  call, so a parameter given a new array of the same shape, dtype and layout is used as it is; one of
+  another shape, dtype or layout makes the step trace again;
+- the optimizer's hyperparameters (lr, momentum, ... of each group) are read on every call, so a schedule
+  or `opt.lr = x` takes effect; switching momentum on or off, or nesterov, traces again; its state
+  buffers are read from `optimizer.state` on every call (a loaded state dict is used);
+- the step's arguments; data nodes must hold an argument's array itself (`TensorNode(xb)`), and a constant
+  array that is neither an argument nor a single number is refused at trace time (it would be frozen);
+- Python control flow runs at trace time only, as in jax.jit: values computed from the batch in Python
+  inside the step are fixed at trace time; pass arrays in as arguments instead;
+- choices that depend on the data (the sparse-input path, taken per batch by its density) are made inside
+  the compiled code on every call.
+After a compiled call, each parameter's `.grad` holds that call's gradient, as after an eager step (or
+None where the step ends with zero_grad()). An op without a compiled form (a user-defined Op, whose
+forward and backward are Python) makes the trace raise a TypeError that names it.
+"""
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+
+import numba
+import numpy as np
+
+from . import backend, kernels, ops
+from .core import TensorNode, tracing
+from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
+from .optim import SGD, Adam
+
+__all__ = ['compile', 'CompiledStep']
+
+# status codes the generated function returns first
+OK, BAD_TARGET, BAD_SHAPE = 0, 1, 2
+
+
+class Recorder:
+    """What one eager run of the step did, in program order."""
+
+    def __init__(self):
+        self.events = []  # ('op', cls, inputs, constants, context, outputs) | ('backward', root) | ...
+        self.first_values = {}  # id(parameter) -> (parameter, its value when first used)
+
+    def remember(self, inputs):
+        for node in inputs:
+            if node.requires_grad and node.source is None and id(node) not in self.first_values:
+                self.first_values[id(node)] = (node, node.value.copy())
+
+    def op(self, cls, inputs, constants, context, outputs):
+        self.remember(inputs)
+        self.events.append(('op', cls, tuple(inputs), dict(constants), context, tuple(outputs)))
+
+    def backward(self, root):
+        self.events.append(('backward', root))
+
+    def zero_grad(self, nodes):
+        self.events.append(('zero_grad', list(nodes)))
+
+    def step(self, optimizer):
+        self.events.append(('step', optimizer))
+
+
+class TraceError(TypeError):
+    """The step does something a compiled step cannot do faithfully; the message says what."""
+
+
+# -- code generation
+def _dtype_name(dtype):
+    return f'np.{np.dtype(dtype).name}'
+
+
+def _literal(value, dtype):
+    return f'{_dtype_name(dtype)}({float(value)!r})'
+
+
+class Var:
+    """A value of the traced program: its name in the generated code, shape and dtype (shape () is a scalar)."""
+
+    def __init__(self, name, shape, dtype, contiguous=True):
+        self.name, self.shape, self.dtype = name, tuple(shape), np.dtype(dtype)
+        self.contiguous = contiguous  # C-contiguous (or a scalar)
+        self.transposed = False       # a parameter passed in as its transpose (see Generator.storage)
+        self.storage_of = None        # a gradient available in its parameter's storage layout as storage_name
+
+    @property
+    def scalar(self):
+        return self.shape == ()
+
+
+class Generator:
+    """Writes the generated function's body from a Recorder's events."""
+
+    def __init__(self, name, args, recorder):
+        self.name = name
+        self.lines = []
+        self.counter = 0
+        self.vars = {}            # id(node) -> Var
+        self.nodes = {}           # id(node) -> node, so that ids stay valid while we generate
+        self.args = args          # the step's argument arrays
+        self.params = []          # nodes passed in as parameters, in order
+        self.param_vars = {}      # id(node) -> Var of its storage view
+        self.constants = {}       # global name -> array
+        self.optimizers = []      # optimizers stepped, in order
+        self.state_args = []      # (optimizer, param, state name) passed in as flat buffers
+        self.state_index = {}     # (id(optimizer), id(param), name) -> position in state_args
+        self.grads = {}           # id(param) -> Var of its gradient so far (None: zero)
+        self.recorder = recorder
+        self.sparse_layers = 0
+
+    # names and lines
+    def fresh(self, prefix='v'):
+        self.counter += 1
+        return f'{prefix}{self.counter}'
+
+    def emit(self, line):
+        self.lines.append('    ' + line)
+
+    def new(self, expr, shape, dtype, prefix='v', contiguous=True):
+        var = Var(self.fresh(prefix), shape, dtype, contiguous)
+        self.emit(f'{var.name} = {expr}')
+        return var
+
+    # leaves
+    def var(self, node):
+        var = self.vars.get(id(node))
+        if var is None:
+            var = self._leaf(node)
+            self.vars[id(node)] = var
+            self.nodes[id(node)] = node
+        return var
+
+    def _leaf(self, node):
+        value = node.value
+        for i, arg in enumerate(self.args):
+            if value is arg:
+                return Var(f'a{i}', value.shape, value.dtype)
+        if node.requires_grad:  # a parameter
+            if value.dtype.kind != 'f':
+                raise TraceError(f'fastgrad.compile: a parameter of dtype {value.dtype} (floating point only)')
+            k = len(self.params)
+            self.params.append(node)
+            # F-ordered parameters (the Linear op's weights) are passed transposed, C-contiguous
+            name = f'p{k}'
+            var = Var(name, value.shape, value.dtype)
+            var.transposed = _storage_transposed(value)
+            self.param_vars[id(node)] = var
+            return var
+        return self._constant(value, 'a data node')
+
+    def _constant(self, value, what):
+        value = np.asarray(value)
+        if value.size != 1:
+            raise TraceError(
+                f'fastgrad.compile: {what} holds an array of shape {value.shape} that is neither one of the '
+                f"step's arguments nor a parameter; a compiled step would keep it as it is now. Pass it in as "
+                f'an argument (fn(x, y, this)), or wrap the argument itself: TensorNode(x)')
+        if value.dtype.kind not in 'fiub':
+            raise TraceError(f'fastgrad.compile: {what} has dtype {value.dtype}')
+        dtype = value.dtype if value.dtype.kind == 'f' else np.dtype(np.float64)
+        if value.ndim == 0:
+            return Var(_literal(value, dtype), (), dtype)
+        name = f'C{len(self.constants)}'
+        self.constants[name] = np.array(value, dtype=dtype)
+        return Var(name, value.shape, dtype)
+
+    def integers(self, name):
+        """An int64 C-contiguous array expression for the integer argument `name`."""
+        arg = self.args[int(name[1:])] if name.startswith('a') and name[1:].isdigit() else None
+        if arg is not None and arg.dtype == np.int64:
+            return name
+        return self.new(f'np.ascontiguousarray({name}).astype(np.int64)', np.shape(arg), np.int64, prefix='t').name
+
+    def argument(self, array, what):
+        """The name of the argument that `array` is, for constants such as targets."""
+        for i, arg in enumerate(self.args):
+            if array is arg:
+                return f'a{i}'
+        array = np.asarray(array)
+        if array.size == 1 and array.ndim == 0:
+            return repr(array.item())
+        raise TraceError(f"fastgrad.compile: {what} is an array that is not one of the step's arguments; a compiled "
+                         f'step would keep it as it is now. Pass it in as an argument')
+
+    def storage(self, var, dtype=None):
+        """An expression for var's array, C-contiguous and of `dtype` (a parameter stored transposed is
+        un-transposed; copies only where the layout or dtype must change)."""
+        if var.transposed:
+            expr = f'np.ascontiguousarray({var.name}.T)'
+        elif not var.contiguous:
+            expr = f'np.ascontiguousarray({var.name})'
+        else:
+            expr = var.name
+        if dtype is not None and np.dtype(dtype) != var.dtype:
+            expr = f'{expr}.astype({_dtype_name(dtype)})'
+        return expr
+
+    def weight_t(self, var, dtype=None):
+        """An expression for var.T, C-contiguous (free for a parameter stored transposed)."""
+        expr = var.name if var.transposed else f'np.ascontiguousarray({var.name}.T)'
+        if dtype is not None and np.dtype(dtype) != var.dtype:
+            expr = f'{expr}.astype({_dtype_name(dtype)})'
+        return expr
+
+    # the program
+    def run(self, result):
+        for event in self.recorder.events:
+            kind = event[0]
+            if kind == 'op':
+                self.forward(*event[1:])
+            elif kind == 'backward':
+                self.backward_from(event[1])
+            elif kind == 'zero_grad':
+                for node in event[1]:
+                    if id(node) in self.param_vars or node.requires_grad and node.source is None:
+                        self.grads[id(node)] = None
+            elif kind == 'step':
+                self.optimizer_step(event[1])
+        return [self.var(node) for node in result]
+
+    def forward(self, cls, inputs, constants, context, outputs):
+        emitter = EMITTERS.get(cls)
+        if emitter is None:
+            supported = ', '.join(sorted(c.__name__ for c in EMITTERS))
+            raise TraceError(f'fastgrad.compile: the op {cls.__name__} has no compiled form (a compiled step '
+                             f'runs the built-in ops: {supported}); run this step eagerly')
+        if len(outputs) != 1:
+            raise TraceError(f'fastgrad.compile: {cls.__name__} has {len(outputs)} outputs')
+        ins = [self.var(node) for node in inputs]
+        out = outputs[0]
+        var, saved = emitter.forward(self, ins, constants, context, out.value)
+        self.vars[id(out)] = var
+        self.nodes[id(out)] = out
+        self.saved = getattr(self, 'saved', {})
+        self.saved[id(out)] = (cls, inputs, constants, context, ins, var, saved)
+
+    def backward_from(self, root):
+        """Gradients from root down to every parameter, in reverse order of the ops (a reverse topological
+        order); each parameter's gradient accumulates as backward() accumulates it."""
+        if root.value.size != 1:
+            raise TraceError('fastgrad.compile: backward() from a node that is not a single number')
+        rvar = self.var(root)
+        pending = {id(root): Var(_literal(1, _grad_dtype(root.value)), (), _grad_dtype(root.value))
+                   if rvar.scalar else self.new(f'np.ones({rvar.shape}, {_dtype_name(rvar.dtype)})', rvar.shape, rvar.dtype)}
+        events = self.recorder.events
+        upto = next(i for i, e in enumerate(events) if e[0] == 'backward' and e[1] is root)
+        for event in reversed(events[:upto]):
+            if event[0] != 'op':
+                continue
+            out = event[5][0]
+            g = pending.pop(id(out), None)
+            if g is None:
+                continue
+            cls, inputs, constants, context, ins, var, saved = self.saved[id(out)]
+            needs = context['needs_input_grad']
+            ginputs = EMITTERS[cls].backward(self, ins, constants, needs, var, saved, g)
+            for node, ivar, need, gi in zip(inputs, ins, needs, ginputs):
+                if gi is None or not need or not node.requires_grad:
+                    continue
+                gi = self.reduce_to(gi, ivar)
+                previous = pending.get(id(node))
+                pending[id(node)] = gi if previous is None else self.add(previous, gi)
+        for key, g in pending.items():
+            if key in self.param_vars:
+                if key not in self.grads:
+                    if not self.zeroed_later(key, upto):
+                        raise TraceError('fastgrad.compile: backward() adds to a gradient left from before the step '
+                                         '(no zero_grad() in the step); call opt.zero_grad() in the step')
+                    self.grads[key] = None  # the previous call ended by zeroing it
+                previous = self.grads[key]
+                self.grads[key] = g if previous is None else self.add(previous, g)
+
+    def zeroed_later(self, key, after):
+        """Whether a zero_grad() after event `after` resets the node with id `key`."""
+        return any(e[0] == 'zero_grad' and any(id(n) == key for n in e[1]) for e in self.recorder.events[after:])
+
+    def add(self, a, b):
+        return self.new(f'{a.name} + {b.name}', np.broadcast_shapes(a.shape, b.shape), np.result_type(a.dtype, b.dtype))
+
+    def reduce_to(self, g, like):
+        """g summed back to like's shape (undoing broadcasting), in like's dtype."""
+        shape = like.shape
+        if g.shape != shape:
+            if shape == ():
+                g = self.new(f'np.sum({g.name})', (), g.dtype)
+            elif g.scalar:
+                g = self.new(f'np.full({shape}, {g.name})', shape, g.dtype)
+            else:
+                expr, cur = g.name, list(g.shape)
+                extra = len(cur) - len(shape)
+                axes = list(range(extra)) + [extra + i for i, s in enumerate(shape) if s == 1 and cur[extra + i] != 1]
+                for axis in reversed(axes):
+                    expr = f'np.sum({expr}, axis={axis})'
+                g = self.new(f'np.ascontiguousarray({expr}).reshape({shape})', shape, g.dtype)
+        want = _grad_dtype(np.empty(0, like.dtype))
+        if g.dtype != want:
+            expr = f'{_dtype_name(want)}({g.name})' if g.scalar else f'{gen_storage_astype(g, want)}'
+            g = self.new(expr, shape, want)
+        return g
+
+    def optimizer_step(self, optimizer):
+        if not isinstance(optimizer, (SGD, Adam)) or type(optimizer) not in (SGD, Adam):
+            raise TraceError(f'fastgrad.compile: the optimizer {type(optimizer).__name__} has no compiled form '
+                             f'(SGD and Adam have)')
+        if optimizer not in self.optimizers:
+            self.optimizers.append(optimizer)
+        o = self.optimizers.index(optimizer)
+        for gi, group in enumerate(optimizer.param_groups):
+            for p in group['params']:
+                g = self.grads.get(id(p))
+                if g is None:
+                    continue  # no gradient: left alone, as eager does
+                pvar = self.var(p)
+                flat_p = f'{pvar.name}.reshape(-1)'
+                flat_g = self.flat_grad(g, pvar)
+                dtype = _dtype_name(pvar.dtype)
+                h = f'H{o}[{gi}]'
+                size = p.value.size
+                if isinstance(optimizer, SGD):
+                    if group['momentum']:
+                        buf = self.state_arg(optimizer, p, 'momentum_buffer')
+                    else:
+                        buf = f'{flat_p}[:0]'
+                    call = (f'{{}}(np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]}), '
+                            f'{flat_p}, {flat_g}, {buf}, {flat_p}[:0], {dtype}({h}[0]), {dtype}({h}[1]), '
+                            f'{dtype}({h}[2]), {dtype}(0), {dtype}(0), {dtype}(0){{}})')
+                else:
+                    m, v = self.state_arg(optimizer, p, 'exp_avg'), self.state_arg(optimizer, p, 'exp_avg_sq')
+                    k = self.state_index[id(optimizer), id(p), 'step']
+                    self.emit(f'S{k}[0] += 1')
+                    call = (f'{{}}(np.int64({kernels.RULES["adam"]}), {flat_p}, {flat_g}, {m}, {v}, '
+                            f'{dtype}({h}[0] / (1 - {h}[1] ** S{k}[0])), {dtype}({h}[1]), {dtype}({h}[2]), '
+                            f'{dtype}({h}[3]), {dtype}({h}[4]), {dtype}(1 / np.sqrt(1 - {h}[2] ** S{k}[0])){{}})')
+                if size >= backend.PARALLEL_MIN_SIZE:
+                    self.emit('if update_parts > 1:')
+                    self.emit('    ' + call.format('_update_parallel', ', update_parts'))
+                    self.emit('else:')
+                    self.emit('    ' + call.format('_update_serial', ''))
+                else:
+                    self.emit(call.format('_update_serial', ''))
+
+    def state_arg(self, optimizer, p, name):
+        """The name of the argument that passes optimizer.state[p][name] (Adam's step count comes with its
+        moments). Keyed by identity: nodes compare elementwise, as numpy arrays do."""
+        key = (id(optimizer), id(p), name)
+        if key not in self.state_index:
+            self.state_index[key] = len(self.state_args)
+            self.state_args.append((optimizer, p, name))
+            if isinstance(optimizer, Adam):
+                self.state_arg(optimizer, p, 'step')
+        return f'S{self.state_index[key]}'
+
+    def stored_grad(self, g, pvar):
+        """g as a C-contiguous array in the layout of pvar's storage (its transpose for a transposed one)."""
+        if g.storage_of is pvar:  # already in the storage layout (the Linear op's weight)
+            return g.storage_name
+        if pvar.transposed:
+            return f'np.ascontiguousarray({g.name}.T)'
+        return g.name if g.contiguous else f'np.ascontiguousarray({g.name})'
+
+    def flat_grad(self, g, pvar):
+        """g as a flat C-contiguous array in the memory order of pvar's storage."""
+        return f'{self.stored_grad(g, pvar)}.reshape(-1)'
+
+
+def gen_storage_astype(g, dtype):
+    return f'{g.name}.astype({_dtype_name(dtype)})'
+
+
+def _grad_dtype(value):
+    return value.dtype if value.dtype.kind == 'f' else np.dtype(np.float64)
+
+
+def _storage_transposed(value):
+    return value.ndim == 2 and not value.flags.c_contiguous and value.flags.f_contiguous
+
+
+# -- each op's compiled form: forward(gen, ins, constants, context, value) -> (Var, saved) and
+# backward(gen, ins, constants, needs, out, saved, g) -> one gradient Var (or None) per input
+class Emitter:
+    def __init__(self, forward, backward):
+        self.forward, self.backward = forward, backward
+
+
+def _arith(symbol, grads):
+    def forward(gen, ins, constants, context, value):
+        a, b = ins
+        return gen.new(f'{a.name} {symbol} {b.name}', value.shape, value.dtype), None
+
+    def backward(gen, ins, constants, needs, out, saved, g):
+        return grads(gen, ins, needs, out, g)
+    return Emitter(forward, backward)
+
+
+def _add_grads(gen, ins, needs, out, g):
+    return g, g
+
+
+def _sub_grads(gen, ins, needs, out, g):
+    return g, (gen.new(f'-{g.name}', g.shape, g.dtype) if needs[1] else None)
+
+
+def _mul_grads(gen, ins, needs, out, g):
+    a, b = ins
+    return (gen.new(f'{g.name} * {b.name}', out.shape, out.dtype) if needs[0] else None,
+            gen.new(f'{g.name} * {a.name}', out.shape, out.dtype) if needs[1] else None)
+
+
+def _div_grads(gen, ins, needs, out, g):
+    a, b = ins
+    return (gen.new(f'{g.name} / {b.name}', out.shape, out.dtype) if needs[0] else None,
+            gen.new(f'-{g.name} * {a.name} / ({b.name} * {b.name})', out.shape, out.dtype) if needs[1] else None)
+
+
+def _matmul_forward(gen, ins, constants, context, value):
+    a, b = ins
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise TraceError('fastgrad.compile: MatrixMultiply of arrays that are not 2-D')
+    return gen.new(f'_matmul({gen.storage(a, value.dtype)}, {gen.storage(b, value.dtype)})', value.shape, value.dtype), None
+
+
+def _matmul_backward(gen, ins, constants, needs, out, saved, g):
+    a, b = ins
+    ga = gen.new(f'_matmul({g.name}, {gen.weight_t(b, out.dtype)})', a.shape, out.dtype) if needs[0] else None
+    gb = gen.new(f'_matmul({gen.weight_t(a, out.dtype)}, {g.name})', b.shape, out.dtype) if needs[1] else None
+    return ga, gb
+
+
+def _batchmm_forward(gen, ins, constants, context, value):
+    matrix, vectors = ins
+    return gen.new(f'_matmul({gen.storage(vectors, value.dtype)}, {gen.weight_t(matrix, value.dtype)})',
+                   value.shape, value.dtype), None
+
+
+def _batchmm_backward(gen, ins, constants, needs, out, saved, g):
+    matrix, vectors = ins
+    gm = gen.new(f'_matmul(np.ascontiguousarray({g.name}.T), {gen.storage(vectors, out.dtype)})',
+                 matrix.shape, out.dtype) if needs[0] else None
+    gv = gen.new(f'_matmul({g.name}, {gen.storage(matrix, out.dtype)})', vectors.shape, out.dtype) if needs[1] else None
+    return gm, gv
+
+
+def _linear_forward(gen, ins, constants, context, value):
+    x, w, b = ins
+    code = kernels.ACTIVATION_CODES[constants.get('activation')]
+    n = x.shape[0]
+    xs = gen.new(gen.storage(x, value.dtype), x.shape, value.dtype)
+    wt = gen.new(gen.weight_t(w, value.dtype), (w.shape[1], w.shape[0]), value.dtype, prefix='wt')
+    bf = gen.new(f'{gen.storage(b, value.dtype)}.reshape(-1)', (w.shape[0],), value.dtype)
+    y, cols, count, sp = gen.fresh('y'), gen.fresh('cols'), gen.fresh('count'), gen.fresh('sparse')
+    relu = code == kernels.RELU
+    # the sparse path as eager takes it: an input that needs no gradient, big and sparse enough
+    if not context['needs_input_grad'][0] and x.shape[0] * x.shape[1] >= SPARSE_MIN_SIZE:
+        gen.sparse_layers += 1
+        block = sparse_block(w.shape[1], w.shape[0], np.dtype(value.dtype).itemsize)
+        gen.emit(f'{sp} = sparse_parts > 0 and _nonzero_share({xs.name}, {min(SAMPLE_ROWS, n)}) <= {SPARSE_MAX_DENSITY}')
+        gen.emit(f'if {sp}:')
+        gen.emit(f'    took_sparse = True')
+        gen.emit(f'    {y}, {cols}, {count} = _sparse_affine({xs.name}, {wt.name}, {bf.name}, {relu}, sparse_parts, {block})')
+        gen.emit('else:')
+        gen.emit(f'    {y} = _affine({xs.name}, {wt.name}, {bf.name}, {relu})')
+        gen.emit(f'    {cols}, {count} = np.empty((0, 0), np.int32), np.empty(0, np.int64)')
+    else:
+        sp = cols = count = None
+        gen.emit(f'{y} = _affine({xs.name}, {wt.name}, {bf.name}, {relu})')
+    if code in (kernels.SIGMOID, kernels.TANH):
+        gen.emit(f'_activate_loop({y}, {code})')
+    return Var(y, value.shape, value.dtype), (xs, wt, code, cols, count, sp)
+
+
+def _linear_backward(gen, ins, constants, needs, out, saved, g):
+    x, w, b = ins
+    xs, wt, code, cols, count, sp = saved
+    need_x, need_w, need_b = needs
+    gx, gwt, gb, gz = gen.fresh('gx'), gen.fresh('gwt'), gen.fresh('gb'), gen.fresh('gz')
+    dense = f'{gx}, {gwt}, {gb} = _dense_backward({xs.name}, {wt.name}, {out.name}, {g.name}, {code}, {need_x})'
+    if sp is None:
+        gen.emit(dense)
+    else:
+        gen.emit(f'if {sp}:')
+        gen.emit(f'    {gz}, {gb} = _act_bias_grad({out.name}, {g.name}, {code})')
+        gen.emit(f'    {gwt} = _sparse_weight_grad({xs.name}, {cols}, {count}, {gz}, sparse_parts)')
+        gen.emit(f'    {gx} = _matmul({gz}, {wt.name}.T) if {need_x} else {g.name}[:0, :0].copy()')
+        gen.emit('else:')
+        gen.emit('    ' + dense)
+    gxv = Var(gx, x.shape, out.dtype) if need_x else None
+    gwv = None
+    if need_w:
+        gwv = gen.new(f'{gwt}.T', w.shape, out.dtype, prefix='gw', contiguous=False)
+        if w.transposed:
+            gwv.storage_of, gwv.storage_name = w, gwt
+    gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
+    return gxv, gwv, gbv
+
+
+def _cross_entropy_forward(gen, ins, constants, context, value):
+    (logits,) = ins
+    if constants.get('reduction', 'mean') not in ('mean', 'sum'):
+        raise TraceError('fastgrad.compile: CrossEntropy reduction must be mean or sum')
+    targets = gen.argument(constants['targets'], 'CrossEntropy targets')
+    total, probs, bad = gen.fresh('total'), gen.fresh('probs'), gen.fresh('bad')
+    t = gen.integers(targets)
+    gen.emit(f'{total}, {probs}, {bad} = _cross_entropy_forward({gen.storage(logits, value.dtype)}, {t})')
+    gen.emit(f'if {bad} >= 0:')
+    gen.emit(f'    return {BAD_TARGET}, took_sparse, RESULT_ERROR, GRADS_ERROR')
+    scale = f'{1.0 / max(logits.shape[0], 1)!r}' if constants.get('reduction', 'mean') == 'mean' else '1.0'
+    loss = gen.new(f'{_dtype_name(value.dtype)}({total} * {scale})', (), value.dtype, prefix='loss')
+    return loss, (probs, t, scale)
+
+
+def _cross_entropy_backward(gen, ins, constants, needs, out, saved, g):
+    probs, t, scale = saved
+    return (gen.new(f'_cross_entropy_backward({probs}, {t}, np.float64({g.name}) * {scale})', ins[0].shape, out.dtype),)
+
+
+def _activation(code):
+    def forward(gen, ins, constants, context, value):
+        (x,) = ins
+        y = gen.new(f'{gen.storage(x, value.dtype)}.copy()', value.shape, value.dtype, prefix='y')
+        gen.emit(f'_activate_loop({y.name}, {code})')
+        return y, None
+
+    def backward(gen, ins, constants, needs, out, saved, g):
+        return (gen.new(f'_activation_backward({out.name}.reshape(-1), np.ascontiguousarray({g.name}).reshape(-1), '
+                        f'{code}).reshape({out.shape})', out.shape, out.dtype),)
+    return Emitter(forward, backward)
+
+
+def _rows_check(x, op):
+    if len(x.shape) != 2:
+        raise TraceError(f'fastgrad.compile: {op} of an array that is not 2-D')
+
+
+def _softmax_forward(gen, ins, constants, context, value):
+    _rows_check(ins[0], 'Softmax')
+    return gen.new(f'_softmax(np.ascontiguousarray({gen.storage(ins[0])}))', value.shape, value.dtype, prefix='y'), None
+
+
+def _softmax_backward(gen, ins, constants, needs, out, saved, g):
+    y = out.name
+    s = gen.new(f'np.sum({g.name} * {y}, axis=1).reshape(({out.shape[0]}, 1))', (out.shape[0], 1), out.dtype)
+    return (gen.new(f'{y} * ({g.name} - {s.name})', out.shape, out.dtype),)
+
+
+def _log_softmax_forward(gen, ins, constants, context, value):
+    _rows_check(ins[0], 'LogSoftmax')
+    return gen.new(f'_log_softmax(np.ascontiguousarray({gen.storage(ins[0])}))', value.shape, value.dtype, prefix='lp'), None
+
+
+def _log_softmax_backward(gen, ins, constants, needs, out, saved, g):
+    return (gen.new(f'_log_softmax_backward({out.name}, np.ascontiguousarray({g.name}))', out.shape, out.dtype),)
+
+
+def _sum_forward(gen, ins, constants, context, value):
+    (x,) = ins
+    axis = constants.get('axis')
+    if constants.get('keepdims'):
+        raise TraceError('fastgrad.compile: Sum with keepdims')
+    if axis is None:
+        return gen.new(f'np.sum({x.name})', (), value.dtype), None
+    if not isinstance(axis, int):
+        raise TraceError('fastgrad.compile: Sum over several axes')
+    return gen.new(f'np.sum({x.name}, axis={axis % len(x.shape)})', value.shape, value.dtype), None
+
+
+def _sum_backward(gen, ins, constants, needs, out, saved, g):
+    (x,) = ins
+    axis = constants.get('axis')
+    if axis is None:
+        return (gen.new(f'np.full({x.shape}, {g.name})', x.shape, g.dtype),)
+    axis %= len(x.shape)
+    kept = tuple(1 if i == axis else s for i, s in enumerate(x.shape))
+    return (gen.new(f'np.ascontiguousarray({g.name}).reshape({kept}) + np.zeros({x.shape}, {_dtype_name(g.dtype)})',
+                    x.shape, g.dtype),)
+
+
+def _select_forward(gen, ins, constants, context, value):
+    (x,) = ins
+    idx = gen.argument(constants['indices'], 'Select indices')
+    out = gen.fresh('sel')
+    gen.emit(f'{out} = np.empty({value.shape}, {_dtype_name(value.dtype)})')
+    gen.emit(f'for i in range({value.shape[0]}):')
+    gen.emit(f'    {out}[i] = {x.name}[i, {idx}[i]]')
+    return Var(out, value.shape, value.dtype), idx
+
+
+def _select_backward(gen, ins, constants, needs, out, saved, g):
+    (x,) = ins
+    gx = gen.fresh('gsel')
+    gen.emit(f'{gx} = np.zeros({x.shape}, {_dtype_name(g.dtype)})')
+    gen.emit(f'for i in range({x.shape[0]}):')
+    gen.emit(f'    {gx}[i, {saved}[i]] = {g.name}[i]')
+    return (Var(gx, x.shape, g.dtype),)
+
+
+def _unary(expr, grad):
+    def forward(gen, ins, constants, context, value):
+        return gen.new(expr.format(x=ins[0].name), value.shape, value.dtype), None
+
+    def backward(gen, ins, constants, needs, out, saved, g):
+        return (gen.new(grad.format(x=ins[0].name, y=out.name, g=g.name), out.shape, out.dtype),)
+    return Emitter(forward, backward)
+
+
+def _expand_forward(gen, ins, constants, context, value):
+    (x,) = ins
+    dim, repeats = constants['dim'], constants['repeats']
+    if len(x.shape) != 2:
+        raise TraceError('fastgrad.compile: Expand of an array that is not 2-D')
+    dim %= 2
+    out = gen.fresh('ex')
+    gen.emit(f'{out} = np.empty({value.shape}, {_dtype_name(value.dtype)})')
+    gen.emit(f'for r in range({repeats}):')
+    gen.emit(f'    {out}[r, :] = {x.name}[0, :]' if dim == 0 else f'    {out}[:, r] = {x.name}[:, 0]')
+    return Var(out, value.shape, value.dtype), dim
+
+
+def _expand_backward(gen, ins, constants, needs, out, saved, g):
+    (x,) = ins
+    return (gen.new(f'np.sum({g.name}, axis={saved}).reshape({x.shape})', x.shape, g.dtype),)
+
+
+def _transpose_forward(gen, ins, constants, context, value):
+    if constants.get('axes') is not None or len(ins[0].shape) != 2:
+        raise TraceError('fastgrad.compile: Transpose other than of a 2-D array')
+    return gen.new(f'np.ascontiguousarray({gen.storage(ins[0])}.T)', value.shape, value.dtype), None
+
+
+def _transpose_backward(gen, ins, constants, needs, out, saved, g):
+    return (gen.new(f'np.ascontiguousarray({g.name}.T)', ins[0].shape, g.dtype),)
+
+
+def _reshape_forward(gen, ins, constants, context, value):
+    return gen.new(f'np.ascontiguousarray({gen.storage(ins[0])}).reshape({value.shape})', value.shape, value.dtype), None
+
+
+def _reshape_backward(gen, ins, constants, needs, out, saved, g):
+    return (gen.new(f'np.ascontiguousarray({g.name}).reshape({ins[0].shape})', ins[0].shape, g.dtype),)
+
+
+EMITTERS = {
+    ops.Add: _arith('+', _add_grads),
+    ops.Subtract: _arith('-', _sub_grads),
+    ops.Multiply: _arith('*', _mul_grads),
+    ops.Divide: _arith('/', _div_grads),
+    ops.MatrixMultiply: Emitter(_matmul_forward, _matmul_backward),
+    ops.BatchMM: Emitter(_batchmm_forward, _batchmm_backward),
+    ops.Linear: Emitter(_linear_forward, _linear_backward),
+    ops.CrossEntropy: Emitter(_cross_entropy_forward, _cross_entropy_backward),
+    ops.Sigmoid: _activation(kernels.SIGMOID),
+    ops.ReLU: _activation(kernels.RELU),
+    ops.Tanh: _activation(kernels.TANH),
+    ops.Softmax: Emitter(_softmax_forward, _softmax_backward),
+    ops.LogSoftmax: Emitter(_log_softmax_forward, _log_softmax_backward),
+    ops.Sum: Emitter(_sum_forward, _sum_backward),
+    ops.Select: Emitter(_select_forward, _select_backward),
+    ops.Exp: _unary('np.exp({x})', '{g} * {y}'),
+    ops.Log: _unary('np.log({x})', '{g} / {x}'),
+    ops.Expand: Emitter(_expand_forward, _expand_backward),
+    ops.Transpose: Emitter(_transpose_forward, _transpose_backward),
+    ops.Reshape: Emitter(_reshape_forward, _reshape_backward),
+}
+
+HEADER = '''"""Generated by fastgrad.compile from a traced step; do not edit (the file name is the hash of its text)."""
+import numpy as np
+from numba import njit
+
+from fastgrad.kernels.activations import activate_loop as _activate_loop, activation_backward as _activation_backward
+from fastgrad.kernels.blas import matmul as _matmul
+from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
+                                     dense_backward as _dense_backward, sparse_affine as _sparse_affine,
+                                     sparse_weight_grad as _sparse_weight_grad)
+from fastgrad.kernels.optim import _update_parallel, _update_serial
+from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
+                                      cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
+                                      log_softmax_backward as _log_softmax_backward, softmax as _softmax)
+'''
+
+
+def _kernels_fingerprint():
+    """A hash of the kernels' source: numba's cache of a generated module does not notice their edits."""
+    digest = hashlib.sha256()
+    folder = os.path.dirname(kernels.__file__)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith('.py'):
+            with open(os.path.join(folder, name), 'rb') as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
+
+
+_FINGERPRINT = None
+
+
+def cache_dir():
+    """Where generated steps are written: $FASTGRAD_CACHE, else ~/.cache/fastgrad/compiled (a temporary
+    folder when neither can be written)."""
+    folder = os.environ.get('FASTGRAD_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'fastgrad', 'compiled')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    folder = os.path.join(tempfile.gettempdir(), f'fastgrad-compiled-{os.getuid() if hasattr(os, "getuid") else 0}')
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _load_module(source):
+    """Imports generated source from the cache folder (written once, atomically), registered in sys.modules
+    under its name first, which numba's cache needs to load it in a later process."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        _FINGERPRINT = _kernels_fingerprint()
+    source = f'# kernels {_FINGERPRINT}\n' + source
+    name = 'fastgrad_step_' + hashlib.sha256(source.encode()).hexdigest()[:20]
+    if name in sys.modules:
+        return sys.modules[name]
+    folder = cache_dir()
+    path = os.path.join(folder, name + '.py')
+    if not os.path.exists(path):
+        from .files import atomic_open
+        with atomic_open(path) as f:
+            f.write(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+class Program:
+    """One traced variant of a step: the generated functions and what to pass them."""
+
+    def __init__(self, gen, results, single, with_grad, module):
+        self.params = list(gen.params)  # those whose gradient the step returns come first
+        self.transposed = [gen.param_vars[id(p)].transposed for p in self.params]
+        self.with_grad = len(with_grad)
+        self.optimizers = list(gen.optimizers)
+        self.state_args = list(gen.state_args)
+        self.result_dtypes = [r.dtype for r in results]
+        self.single = single
+        self.has_sparse = gen.sparse_layers > 0
+        self.step = module.step
+        self.epoch = getattr(module, 'epoch', None)
+        self.source = module.__file__
+        self.structure = self.structure_key()
+
+    def structure_key(self):
+        """What the code is specialised on besides the arguments: each parameter's array (shape, dtype,
+        layout), each optimizer's kind of update (momentum or not) and its number of groups."""
+        key = [(p.value.shape, p.value.dtype.str, _storage_transposed(p.value), p.value.flags.writeable)
+               for p in self.params]
+        for opt in self.optimizers:
+            key.append(len(opt.param_groups))
+            if isinstance(opt, SGD):
+                key += [bool(group['momentum']) for group in opt.param_groups]
+        return tuple(key)
+
+    def arrays(self):
+        """The arguments besides the batch: parameters (storage views), hyperparameter tables, state buffers."""
+        out = [p.value.T if t else p.value for p, t in zip(self.params, self.transposed)]
+        for opt in self.optimizers:
+            if isinstance(opt, SGD):
+                rows = [(g['lr'], g['momentum'], g['weight_decay'], float(bool(g['nesterov']))) for g in opt.param_groups]
+            else:
+                rows = [(g['lr'], g['betas'][0], g['betas'][1], g['eps'], g['weight_decay']) for g in opt.param_groups]
+            out.append(np.array(rows, dtype=np.float64))
+        for opt, p, name in self.state_args:
+            state = opt.state.setdefault(p, {})
+            if name == 'step':
+                out.append(np.array([state.get('step', 0)], dtype=np.int64))
+                continue
+            transposed = _storage_transposed(p.value)
+            order = 'F' if transposed else 'C'
+            buf = state.get(name)
+            if buf is None or buf.shape != p.value.shape or buf.dtype != p.value.dtype:
+                if buf is not None and buf.shape != p.value.shape:
+                    raise ValueError(f'{type(opt).__name__}: a parameter has shape {p.value.shape}, its {name} '
+                                     f'{buf.shape}')
+                buf = state[name] = np.zeros_like(p.value, order=order) if buf is None else np.array(buf, p.value.dtype, order=order)
+            elif not (buf.flags.f_contiguous if transposed else buf.flags.c_contiguous):
+                buf = state[name] = np.asarray(buf, order=order)
+            out.append((buf.T if transposed else buf).reshape(-1))
+        return out
+
+    def finish(self, arrays, took_sparse, grads):
+        """After a call: hand the cores over if a sparse batch came, write Adam's step counts back into
+        optimizer.state, and set each parameter's .grad as an eager step leaves it."""
+        if took_sparse:
+            backend.sparse_parts()
+        k = len(self.params) + len(self.optimizers)
+        for (opt, p, name), array in zip(self.state_args, arrays[k:]):
+            if name == 'step':
+                opt.state[p]['step'] = int(array[0])
+        for p, t, g in zip(self.params, self.transposed, grads):
+            p.grad = g.T if t else g
+        for p in self.params[self.with_grad:]:
+            p.grad = None
+
+
+class CompiledStep:
+    """A step function compiled by fastgrad.compile: call it like the function, or run a whole epoch."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.programs = {}  # (shape and dtype of each argument) -> Program
+        self.compile_seconds = 0.0  # spent tracing and compiling so far (first calls included whole)
+        self.__name__ = getattr(fn, '__name__', 'step')
+        self.__doc__ = getattr(fn, '__doc__', None)
+
+    def _program(self, key):
+        program = self.programs.get(key)
+        if program is not None and program.structure != program.structure_key():
+            return None  # a parameter's array or the optimizer's kind changed: trace again
+        return program
+
+    def __call__(self, *args):
+        args = tuple(_argument(a, i) for i, a in enumerate(args))
+        key = tuple((a.shape, a.dtype.str) for a in args)
+        program = self._program(key)
+        if program is None:
+            return self._trace(args, key)
+        arrays = program.arrays()
+        start = None if program.step.signatures else time.perf_counter()  # numba compiles (or loads) it now
+        status, took_sparse, results, grads = program.step(*args, *arrays, *_thread_args(program))
+        if start is not None:
+            self.compile_seconds += time.perf_counter() - start
+        if status != OK:
+            return self.fn(*args)  # eagerly, which raises the error the compiled code found (before any update)
+        program.finish(arrays, took_sparse, grads)
+        values = [np.asarray(v, dtype=d) for v, d in zip(results, program.result_dtypes)]
+        return values[0] if program.single else tuple(values)
+
+    def _trace(self, args, key):
+        start = time.perf_counter()
+        try:
+            return self._trace_and_generate(args, key)
+        finally:
+            self.compile_seconds += time.perf_counter() - start
+
+    def _trace_and_generate(self, args, key):
+        recorder = Recorder()
+        tracing.recorder = recorder
+        try:
+            result = self.fn(*args)
+        finally:
+            tracing.recorder = None
+        single = not isinstance(result, (tuple, list))
+        nodes = [result] if single else list(result)
+        for node in nodes:
+            if not isinstance(node, TensorNode):
+                raise TraceError(f'fastgrad.compile: the step must return a TensorNode or a tuple of them, not '
+                                 f'{type(node).__name__}')
+        _check_untraced_updates(recorder)
+        gen = Generator('step', args, recorder)
+        results = gen.run(nodes)
+        with_grad = [p for p in gen.params if gen.grads.get(id(p)) is not None]
+        gen.params = with_grad + [p for p in gen.params if gen.grads.get(id(p)) is None]
+        module = _load_module(_source(gen, args, results, with_grad, epoch=len(args) == 2 and single))
+        self.programs[key] = Program(gen, results, single, with_grad, module)
+        values = [np.asarray(n.value) for n in nodes]
+        return values[0] if single else tuple(values)
+
+    def run(self, x, y, batch_size, order=None):
+        """One epoch of a step `fn(xb, yb)` that returns the loss: batches of `batch_size` rows of x and y,
+        taken in the order of `order` (row indices: a permutation for a shuffled epoch, or any part of one;
+        None: every row in sequence), each stepped; returns the per-batch losses. All full batches run in
+        one call into numba; a shorter last batch is one more call."""
+        x, y = _argument(x, 0), _argument(y, 1)
+        if len(x) != len(y):
+            raise ValueError(f'run: x has {len(x)} rows but y has {len(y)}')
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f'run: batch_size must be a positive integer, got {batch_size!r}')
+        if order is None:
+            order = np.arange(len(x), dtype=np.int64)
+        else:
+            order = np.asarray(order)
+            if order.ndim != 1 or order.dtype.kind not in 'iu':
+                raise ValueError(f'run: order must be a 1-D array of row indices, got {order.dtype} {order.shape}')
+            if len(order) and (order.min() < 0 or order.max() >= len(x)):
+                raise ValueError(f'run: order holds row indices outside 0..{len(x) - 1}')
+            order = np.ascontiguousarray(order, dtype=np.int64)
+        n = len(order)
+        full = n // batch_size
+        losses = []
+        done = 0
+        if full:
+            key = (((batch_size,) + x.shape[1:], x.dtype.str), ((batch_size,) + y.shape[1:], y.dtype.str))
+            if self._program(key) is None:  # trace on the first batch
+                idx = order[:batch_size]
+                losses.append(self(x[idx], y[idx]))
+                done = 1
+            program = self._program(key)
+            if program.epoch is None:
+                raise TypeError('run: the step must take two arrays (xb, yb) and return one loss')
+            if full > done:
+                arrays = program.arrays()
+                out = np.empty(full - done, dtype=np.float64)
+                start = None if program.epoch.signatures else time.perf_counter()
+                status, took_sparse, grads = program.epoch(x, y, order[done * batch_size:full * batch_size], out,
+                                                           *arrays, *_thread_args(program))
+                if start is not None:
+                    self.compile_seconds += time.perf_counter() - start
+                program.finish(arrays, took_sparse, grads)
+                if status != OK:  # a bad target in batch k: the batches before it have been stepped
+                    k = done + (status >> 8)
+                    idx = order[k * batch_size:(k + 1) * batch_size]
+                    self.fn(x[idx], y[idx])  # eagerly, which raises the error
+                losses.extend(out.tolist())
+        if n % batch_size:
+            idx = order[full * batch_size:]
+            losses.append(self(x[idx], y[idx]))
+        return np.array([float(v) for v in losses])
+
+
+def _argument(a, i):
+    if isinstance(a, TensorNode):
+        raise TypeError(f'fastgrad.compile: argument {i} is a TensorNode; a compiled step takes numpy arrays')
+    a = np.asarray(a)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+def _thread_args(program):
+    """(sparse_parts, update_parts): numba's threads for the sparse kernels when the policy lets them run
+    (under 'auto' the first sparse batch then hands the cores over), and for the updates of big parameters."""
+    sparse = numba.get_num_threads() if program.has_sparse and backend.sparse_allowed() else 0
+    return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE)
+
+
+def _check_untraced_updates(recorder):
+    """A parameter whose array changed during the trace without an optimizer step (a hand-written update
+    such as p.value -= lr * p.grad) would not change in the compiled step: refuse it."""
+    stepped = set()
+    for event in recorder.events:
+        if event[0] == 'step':
+            stepped.update(id(p) for p in event[1].params)
+    for key, (node, first) in recorder.first_values.items():
+        if key not in stepped and (node.value.shape != first.shape or not np.array_equal(node.value, first, equal_nan=True)):
+            raise TraceError('fastgrad.compile: a parameter changed during the step without an optimizer step (an '
+                             'update written by hand, such as p.value -= lr * p.grad, would not run in compiled '
+                             'code); use fastgrad.SGD or Adam in the step, or run it eagerly')
+
+
+def _zeros(var):
+    return f'{_dtype_name(var.dtype)}(0)' if var.scalar else f'np.zeros({var.shape}, {_dtype_name(var.dtype)})'
+
+
+def _source(gen, args, results, with_grad, epoch):
+    """The generated module: the step function and, for a step fn(xb, yb) returning a loss, the epoch loop."""
+    stored = []  # each returned gradient, C-contiguous in its parameter's storage layout
+    for p in with_grad:
+        pvar = gen.param_vars[id(p)]
+        shape = pvar.shape[::-1] if pvar.transposed else pvar.shape
+        stored.append((gen.new(gen.stored_grad(gen.grads[id(p)], pvar), shape, pvar.dtype, prefix='rg')))
+    params = [f'a{i}' for i in range(len(args))]
+    rest = [gen.param_vars[id(p)].name for p in gen.params]
+    rest += [f'H{o}' for o in range(len(gen.optimizers))]
+    rest += [f'S{k}' for k in range(len(gen.state_args))]
+    rest += ['sparse_parts', 'update_parts']
+    constants = ''.join(f'{name} = np.array({value.tolist()!r}, dtype=np.{value.dtype.name})\n'
+                        for name, value in gen.constants.items())
+    result_tuple = '(' + ''.join(f'{r.name}, ' for r in results) + ')'
+    grad_tuple = '(' + ''.join(f'{g.name}, ' for g in stored) + ')'
+    source = (HEADER + '\n' + constants +
+              '\n\n'
+              f"@njit(cache=True, error_model='numpy')\n"
+              f"def step({', '.join(params + rest)}):\n"
+              f'    took_sparse = False\n'
+              f'    RESULT_ERROR = ({"".join(_zeros(r) + ", " for r in results)})\n'
+              f'    GRADS_ERROR = ({"".join(_zeros(g) + ", " for g in stored)})\n'
+              + '\n'.join(gen.lines) + '\n'
+              f'    return {OK}, took_sparse, {result_tuple}, {grad_tuple}\n')
+    if epoch:
+        call = ', '.join(['xb', 'yb'] + rest)
+        source += (f"\n\n@njit(cache=True, error_model='numpy')\n"
+                   f"def epoch(x, y, order, out, {', '.join(rest)}):\n"
+                   f'    b = {args[0].shape[0]}\n'
+                   f'    took = False\n'
+                   f'    xb, yb = x[order[:b]], y[order[:b]]\n'
+                   f'    status, took_sparse, results, grads = step({call})\n'
+                   f'    took = took or took_sparse\n'
+                   f'    if status != {OK}:\n'
+                   f'        return status, took, grads\n'
+                   f'    out[0] = results[0]\n'
+                   f'    for k in range(1, order.shape[0] // b):\n'
+                   f'        xb, yb = x[order[k * b:(k + 1) * b]], y[order[k * b:(k + 1) * b]]\n'
+                   f'        status, took_sparse, results, grads = step({call})\n'
+                   f'        took = took or took_sparse\n'
+                   f'        if status != {OK}:\n'
+                   f'            return status | (k << 8), took, grads\n'
+                   f'        out[k] = results[0]\n'
+                   f'    return {OK}, took, grads\n')
+    return source
+
+
+def compile(fn):
+    """Compiles a training step: `fn` takes numpy arrays (a batch) and runs fastgrad code made of built-in
+    ops, modules, a loss, backward() and an optimizer's zero_grad()/step(), returning a TensorNode (the loss)
+    or a tuple of them. Returns a CompiledStep: call it as fn (it returns the loss values as arrays), or
+    `.run(x, y, batch_size, order=None)` for a whole epoch. The module docstring says what it captures."""
+    if not callable(fn):
+        raise TypeError(f'fastgrad.compile: expected a function, got {type(fn).__name__}')
+    return CompiledStep(fn)

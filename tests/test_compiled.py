@@ -1,0 +1,331 @@
+"""fastgrad.compile: the compiled step does what the eager step does, or refuses at trace time."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import TensorNode
+from fastgrad.compiled import TraceError
+
+
+def dataset(kind, dtype, n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == 'synth':
+        (x, y), _, classes = fg.load_synth(num_train=n, num_val=1, seed=seed, dtype=dtype)
+        return x, y, classes
+    x = rng.random((n, 784)).astype(dtype)  # MNIST-like: 19 % nonzero, so the first layer takes the sparse path
+    x[rng.random(x.shape) > 0.19] = 0
+    return x, rng.integers(0, 10, n), 10
+
+
+def make(kind, activation, optimizer, dtype, classes, features):
+    model = fg.MLP(features, classes, hidden=[16] if kind == 'synth' else [64], activation=activation, dtype=dtype,
+                   rng=0)
+    if optimizer == 'sgd':
+        opt = fg.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    elif optimizer == 'nesterov':
+        opt = fg.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    else:
+        opt = fg.Adam(model.parameters(), lr=0.01)
+
+    def step(xb, yb):
+        opt.zero_grad()
+        loss = fg.cross_entropy(model(TensorNode(xb, requires_grad=False)), yb)
+        loss.backward()
+        opt.step()
+        return loss
+    return model, opt, step
+
+
+def assert_close(got, want, rtol):
+    """Equal to rtol relative to the array's scale (its largest magnitude); rtol 0: bit for bit."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if rtol == 0 or got.dtype.kind != 'f':
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert np.abs(got - want).max(initial=0) <= rtol * np.abs(want).max(initial=0), (got, want)
+
+
+def assert_same_training(a, b, rtol):
+    (ma, oa), (mb, ob) = a, b
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert_close(q.value, p.value, rtol)
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert_close(sb[key], sa[key], rtol)
+
+
+# relu runs the same kernels in the same order: bit for bit; sigmoid and tanh get exp/tanh from numpy's SIMD
+# loops in eager ops and from libm in compiled code, an ulp apart, which 200 float32 steps grow to about 1e-6
+CASES = [
+    pytest.param('sparse', 'relu', 'sgd', np.float32, 0, id='sparse-relu-sgd-f32'),
+    pytest.param('synth', 'sigmoid', 'adam', np.float64, 1e-6, id='synth-sigmoid-adam-f64'),
+    pytest.param('synth', 'tanh', 'nesterov', np.float32, 1e-5, id='synth-tanh-nesterov-f32', marks=pytest.mark.slow),
+    pytest.param('sparse', 'sigmoid', 'adam', np.float32, 1e-5, id='sparse-sigmoid-adam-f32', marks=pytest.mark.slow),
+    pytest.param('synth', 'relu', 'adam', np.float32, 0, id='synth-relu-adam-f32', marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize('kind, activation, optimizer, dtype, rtol', CASES)
+def test_compiled_steps_equal_eager_steps(kind, activation, optimizer, dtype, rtol):
+    x, y, classes = dataset(kind, dtype)
+    eager, compiled = (make(kind, activation, optimizer, dtype, classes, x.shape[1]) for _ in range(2))
+    step = fg.compile(compiled[2])
+    order = np.random.default_rng(1).permutation(len(x))
+    for k in range(200):
+        idx = order[(k * 64) % 1920:(k * 64) % 1920 + 64]
+        want = eager[2](x[idx], y[idx])
+        got = step(x[idx], y[idx])
+        assert isinstance(got, np.ndarray) and got.dtype == want.dtype and got.shape == ()
+        np.testing.assert_allclose(got, want.value, rtol=max(rtol, 1e-12) * 10)
+    assert len(step.programs) == 1  # traced once
+    assert_same_training(eager[:2], compiled[:2], rtol)
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):  # .grad as the eager step leaves it
+        assert_close(q.grad, p.grad, rtol * 100)
+    if kind == 'sparse':
+        assert step.programs[next(iter(step.programs))].has_sparse
+
+
+def test_run_is_the_loop_of_steps_with_a_short_last_batch():
+    x, y, classes = dataset('synth', np.float32, n=1000)
+    a, b, c = (make('synth', 'relu', 'sgd', np.float32, classes, 2) for _ in range(3))
+    order = np.random.default_rng(3).permutation(len(x))
+    want = [float(a[2](x[order[i:i + 128]], y[order[i:i + 128]]).value) for i in range(0, 1000, 128)]
+    step_b, step_c = fg.compile(b[2]), fg.compile(c[2])
+    got = [float(step_b(x[order[i:i + 128]], y[order[i:i + 128]])) for i in range(0, 1000, 128)]
+    ran = step_c.run(x, y, 128, order)
+    assert got == want and ran.tolist() == want
+    assert len(step_c.programs) == 2  # the full batches and the last one (104 rows), each traced once
+    assert_same_training(a[:2], c[:2], 0)
+    again = step_c.run(x, y, 128)  # in sequence, with nothing new to trace
+    assert len(again) == 8 and len(step_c.programs) == 2
+    with pytest.raises(ValueError, match='order holds row indices outside'):
+        step_c.run(x, y, 128, np.arange(1, 1001))
+    with pytest.raises(ValueError, match='batch_size must be a positive integer'):
+        step_c.run(x, y, 0)
+
+
+def test_a_new_shape_or_dtype_traces_again():
+    x, y, classes = dataset('synth', np.float64, n=300)
+    eager, compiled = (make('synth', 'tanh', 'sgd', np.float64, classes, 2) for _ in range(2))
+    step = fg.compile(compiled[2])
+    for rows in (64, 32, 64, 32):
+        for batch in (slice(0, rows), slice(100, 100 + rows)):
+            np.testing.assert_allclose(step(x[batch], y[batch]), eager[2](x[batch], y[batch]).value, rtol=1e-12)
+    step(x[:64].astype(np.float32), y[:64])
+    eager[2](x[:64].astype(np.float32), y[:64])
+    assert len(step.programs) == 3
+    assert_same_training(eager[:2], compiled[:2], 1e-9)
+
+
+def test_changes_after_compiling_take_effect():
+    """The learning rate (a schedule), a parameter given a new array, a loaded optimizer state: read on every
+    call; switching momentum on traces again."""
+    x, y, classes = dataset('synth', np.float32, n=600)
+    eager, compiled = (make('synth', 'relu', 'sgd', np.float32, classes, 2) for _ in range(2))
+    step = fg.compile(compiled[2])
+    schedules = [fg.StepLR(m[1], step_size=1, gamma=0.5) for m in (eager, compiled)]
+
+    def both(batch):
+        eager[2](x[batch], y[batch])
+        step(x[batch], y[batch])
+
+    for k in range(4):
+        both(slice(k * 64, k * 64 + 64))
+        for s in schedules:
+            s.step()
+    assert compiled[1].lr == 0.05 / 16
+    for model, _, _ in (eager, compiled):  # a new array of the same shape and layout
+        model.layers[0].w.value = model.layers[0].w.value * 0.5
+    both(slice(0, 64))
+    state = eager[1].state_dict()
+    for _, opt, _ in (eager, compiled):
+        opt.load_state_dict(state)
+    both(slice(64, 128))
+    for _, opt, _ in (eager, compiled):
+        opt.momentum = 0.0
+    both(slice(128, 192))
+    for _, opt, _ in (eager, compiled):
+        opt.momentum = 0.5
+    both(slice(192, 256))
+    assert len(step.programs) == 1  # the same shapes: the variant was replaced when momentum changed
+    assert_same_training(eager[:2], compiled[:2], 0)
+
+
+def test_a_bad_target_raises_as_eager_does_and_changes_nothing():
+    x, y, classes = dataset('synth', np.float32, n=200)
+    model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+    step = fg.compile(fn)
+    step(x[:64], y[:64])
+    step(x[64:128], y[64:128])
+    before = [p.value.copy() for p in model.parameters()]
+    bad = y[:64].copy()
+    bad[5] = 7
+    with pytest.raises(ValueError, match=r'CrossEntropy: targets must lie in \[0, 2\), got 7 at position 5'):
+        step(x[:64], bad)
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+    with pytest.raises(ValueError, match='got 7 at position 5'):
+        step.run(np.concatenate([x[:128], x[:64]]), np.concatenate([y[:128], bad]), 64)
+
+
+class Cube(fg.Op):
+    @staticmethod
+    def forward(context, x):
+        context['x'] = x
+        return x ** 3
+
+    @staticmethod
+    def backward(context, go):
+        return 3 * context['x'] ** 2 * go
+
+
+class MyReLU(fg.ReLU):
+    """A subclass of a built-in op with a backward of its own: not the built-in's compiled form."""
+    @classmethod
+    def backward(cls, context, go):
+        return go * (context['y'] > 0)
+
+
+@pytest.mark.parametrize('op', [Cube, MyReLU])
+def test_an_op_without_a_compiled_form_is_refused_by_name(op):
+    w = TensorNode(np.ones((2, 3)))
+    opt = fg.SGD([w], lr=0.1)
+
+    def step(xb):
+        opt.zero_grad()
+        loss = op.do_forward(TensorNode(xb, requires_grad=False) @ w).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    with pytest.raises(TraceError, match=f'the op {op.__name__} has no compiled form'):
+        fg.compile(step)(np.ones((4, 2)))
+
+
+def test_what_a_compiled_step_cannot_keep_is_refused():
+    w = TensorNode(np.ones((2, 3)))
+    opt = fg.SGD([w], lr=0.1)
+
+    def hand_update(xb):  # vugrad's course loop: the update is numpy, invisible to a tracer
+        loss = (TensorNode(xb, requires_grad=False) @ w).sum()
+        loss.backward()
+        w.value -= 0.1 * w.grad
+        loss.zero_grad()
+        return loss
+
+    with pytest.raises(TraceError, match='changed during the step without an optimizer step'):
+        fg.compile(hand_update)(np.ones((4, 2)))
+
+    def scaled(xb):  # an array made from the batch in Python would be frozen at trace time
+        opt.zero_grad()
+        loss = (TensorNode(xb / 2, requires_grad=False) @ w).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    with pytest.raises(TraceError, match="neither one of the step's arguments nor a parameter"):
+        fg.compile(scaled)(np.ones((4, 2)))
+
+    def accumulates(xb):  # no zero_grad: gradients would pile up across calls
+        loss = (TensorNode(xb, requires_grad=False) @ w).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    with pytest.raises(TraceError, match='no zero_grad'):
+        fg.compile(accumulates)(np.ones((4, 2)))
+    with pytest.raises(TypeError, match='argument 0 is a TensorNode'):
+        fg.compile(scaled)(TensorNode(np.ones((4, 2))))
+
+
+def test_vugrad_style_graph_compiles():
+    """BatchMM + Expand Linear, logsoftmax and logceloss (Select, Sum), as the course writes them."""
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((256, 2)), rng.integers(0, 2, 256)
+
+    def make_net():
+        w1, b1 = TensorNode(rng.standard_normal((8, 2)) * 0.5), TensorNode(np.zeros((1, 8)))
+        w2, b2 = TensorNode(rng.standard_normal((2, 8)) * 0.5), TensorNode(np.zeros((1, 2)))
+        params = [w1, b1, w2, b2]
+        opt = fg.SGD(params, lr=0.01, momentum=0.5)
+
+        def step(xb, yb):
+            opt.zero_grad()
+            n = xb.shape[0]
+            h = fg.sigmoid(fg.BatchMM.do_forward(w1, TensorNode(xb)) + fg.Expand.do_forward(b1, dim=0, repeats=n))
+            out = fg.BatchMM.do_forward(w2, h) + fg.Expand.do_forward(b2, dim=0, repeats=n)
+            loss = fg.logceloss(fg.logsoftmax(out), yb)
+            loss.backward()
+            opt.step()
+            return loss
+        return params, step
+
+    state = rng.bit_generator.state
+    p_eager, eager = make_net()
+    rng.bit_generator.state = state
+    p_comp, comp = make_net()
+    step = fg.compile(comp)
+    for k in range(0, 256, 32):
+        np.testing.assert_allclose(step(x[k:k + 32], y[k:k + 32]), eager(x[k:k + 32], y[k:k + 32]).value, rtol=1e-10)
+    for p, q in zip(p_eager, p_comp):
+        np.testing.assert_allclose(q.value, p.value, rtol=1e-10)
+
+
+SECOND_PROCESS = """
+import numpy as np, fastgrad as fg
+model = fg.MLP(2, 2, hidden=8, rng=0)
+opt = fg.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def step(xb, yb):
+    opt.zero_grad()
+    loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
+    loss.backward()
+    opt.step()
+    return loss
+step = fg.compile(step)
+x = np.random.default_rng(0).standard_normal((256, 2)).astype(np.float32)
+y = (x[:, 0] > 0).astype(np.int64)
+losses = step.run(x, y, 64)
+program = next(iter(step.programs.values()))
+print(losses[-1], program.source, program.epoch.stats.cache_hits, program.epoch.stats.cache_misses)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_compiled_step_from_the_cache(tmp_path):
+    env = dict(os.environ, FASTGRAD_CACHE=str(tmp_path / 'steps'), NUMBA_CACHE_DIR=str(tmp_path / 'numba'))
+    runs = [subprocess.run([sys.executable, '-c', SECOND_PROCESS], capture_output=True, text=True, env=env)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    (loss1, source1, hits1, misses1), (loss2, source2, hits2, misses2) = (r.stdout.split(' ', 3) for r in runs)
+    assert loss1 == loss2 and source1 == source2 and source1.startswith(str(tmp_path / 'steps'))
+    assert 'Counter()' in misses2 and hits2 != 'Counter()', runs[1].stdout  # loaded, not compiled
+
+
+def run_train(tmp_path, *args):
+    run = subprocess.run([sys.executable, '-m', 'fastgrad', 'train', '--no-progress', '-D', 'synth', '--hidden', '8',
+                          *args], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
+def log(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in ('seconds', 'samples_per_second')}
+            for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_compiled_and_eager_give_the_same_log_and_resume_across(tmp_path):
+    run_train(tmp_path, '-e', '3', '--log', 'compiled.jsonl')
+    run_train(tmp_path, '-e', '3', '--eager', '--log', 'eager.jsonl')
+    assert log(tmp_path / 'compiled.jsonl') == log(tmp_path / 'eager.jsonl')
+    run_train(tmp_path, '-e', '2', '--eager', '--checkpoint', 'ck')
+    run_train(tmp_path, '-e', '3', '--checkpoint', 'ck', '--resume', '--log', 'resumed.jsonl')
+    assert log(tmp_path / 'resumed.jsonl') == log(tmp_path / 'eager.jsonl')
