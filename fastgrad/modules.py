@@ -1,8 +1,11 @@
 """Modules: parameter containers that find their parameters themselves, Linear, MLP, Sequential."""
+import numbers
+import os
+
 import numpy as np
 
 from .core import TensorNode
-from .files import load_npz, save_npz
+from .files import Member, load_npz, save_npz
 from .ops import Linear as LinearOp
 
 
@@ -41,26 +44,74 @@ class Module:
     def state_dict(self):
         return {name: node.value.copy() for name, node in self.named_parameters()}
 
+    def state_spec(self):
+        """What a state dict of this module holds, {name: files.Member(shape, kinds)}: load() reads a file
+        against it (from the headers, before any data)."""
+        return {name: Member(node.shape, 'biuf') for name, node in self.named_parameters()}
+
     def load_state_dict(self, state):
+        """Copies state's arrays into the parameters, in place (optimizers keep pointing at the same arrays).
+
+        Everything is checked before anything is written: the keys, each value's shape, and that its values
+        fit the parameter's dtype (no complex, text or values beyond the dtype's range). A failure leaves every
+        parameter as it was."""
+        name_ = type(self).__name__
         params = dict(self.named_parameters())
         missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
         if missing or unexpected:
-            raise KeyError(f'{type(self).__name__}.load_state_dict: missing {sorted(missing)}, '
-                           f'unexpected {sorted(unexpected)}')
+            raise StateDictError(f'{name_}.load_state_dict: missing {sorted(missing)}, unexpected {sorted(unexpected)}')
+        values = {}
         for name, node in params.items():
-            value = np.asarray(state[name])
-            if value.shape != node.shape:
-                raise ValueError(f'{type(self).__name__}.load_state_dict: {name} has shape {value.shape}, '
-                                 f'the module expects {node.shape}')
+            try:
+                values[name] = fitting(state[name], node.value.dtype, node.shape)
+            except ValueError as e:
+                raise StateDictError(f'{name_}.load_state_dict: {name} {e}') from None
         for name, node in params.items():
-            node.value[...] = state[name]  # in place: optimizers keep pointing at the same arrays
+            node.value[...] = values[name]
 
     def save(self, path):
         """Writes the state dict as .npz, atomically (a temporary file renamed into place)."""
         save_npz(path, self.state_dict())
 
     def load(self, path):
-        self.load_state_dict(load_npz(path))
+        """Reads a file save() wrote: the keys, shapes and dtypes are checked from the file's headers before
+        any data is read; a damaged or foreign file is a ValueError naming it, and changes nothing."""
+        arrays = load_npz(path, self.state_spec())
+        try:
+            self.load_state_dict(arrays)
+        except ValueError as e:
+            raise StateDictError(f'{os.fspath(path)}: {e}') from None
+
+
+class StateDictError(ValueError, KeyError):
+    """A state dict that does not fit: a ValueError (and, for code written against the KeyError that a
+    missing key raised before, a KeyError)."""
+    __str__ = ValueError.__str__
+
+
+def fitting(value, dtype, shape):
+    """value as an array of dtype and shape, if it fits without loss of kind or range; ValueError (saying
+    what is wrong, to follow the entry's name) otherwise. Rounding to a float's precision is not a loss
+    (PyTorch copies float64 into float32 too); complex to real, text, or a finite value that would
+    become infinite is."""
+    try:
+        value = np.asarray(value)
+    except Exception as e:  # ragged lists and the like
+        raise ValueError(f'is not an array ({e})') from None
+    kind = value.dtype.kind
+    if kind == 'c':
+        raise ValueError(f'is complex ({value.dtype}): the imaginary part would be lost')
+    if kind not in 'biuf':
+        raise ValueError(f'holds {value.dtype} values, not numbers')
+    if value.shape != tuple(shape):
+        raise ValueError(f'has shape {value.shape}, expected {tuple(shape)}')
+    with np.errstate(over='ignore', invalid='ignore'):
+        cast = value.astype(dtype)
+    if dtype.kind == 'f' and kind == 'f' and np.isfinite(cast).sum() != np.isfinite(value).sum():
+        raise ValueError(f'holds values outside {np.dtype(dtype).name}\'s range (up to {np.abs(value).max():.3g})')
+    if dtype.kind != 'f' and not np.array_equal(cast, value):
+        raise ValueError(f'holds values that {np.dtype(dtype).name} cannot represent')
+    return cast
 
 
 class Linear(Module):
@@ -71,6 +122,8 @@ class Linear(Module):
     """
 
     def __init__(self, input_size, output_size, dtype=np.float32, rng=None, init='glorot'):
+        input_size, output_size = _size('Linear', 'input_size', input_size), _size('Linear', 'output_size', output_size)
+        dtype = _float_dtype('Linear', dtype)
         rng = np.random.default_rng(rng)
         if init == 'glorot':
             std = np.sqrt(2.0 / (input_size + output_size))
@@ -86,6 +139,27 @@ class Linear(Module):
 
 
 ACTIVATIONS = ('sigmoid', 'relu', 'tanh')
+DTYPES = ('float32', 'float64')  # what the kernels compute in (float16 has no kernels)
+
+
+def _is_size(n):
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0
+
+
+def _size(module, name, n):
+    if not _is_size(n):
+        raise ValueError(f'{module}: {name} must be a positive integer, not {n!r}')
+    return int(n)
+
+
+def _float_dtype(module, dtype):
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise ValueError(f'{module}: dtype must be one of {", ".join(DTYPES)}, not {dtype!r}') from None
+    if dtype.name not in DTYPES:
+        raise ValueError(f'{module}: dtype {dtype.name} is not supported; use {" or ".join(DTYPES)}')
+    return dtype
 
 
 class MLP(Module):
@@ -100,9 +174,14 @@ class MLP(Module):
                  hidden_mult=None, init=None):
         if activation not in ACTIVATIONS:
             raise ValueError(f'MLP: activation must be one of {", ".join(ACTIVATIONS)}, not {activation!r}')
+        input_size, output_size = _size('MLP', 'input_size', input_size), _size('MLP', 'output_size', output_size)
+        dtype = _float_dtype('MLP', dtype)
         if hidden_mult is not None:
             hidden = hidden_mult * input_size
-        sizes = [input_size] + ([hidden] if np.isscalar(hidden) else list(hidden)) + [output_size]
+        hidden = [hidden] if np.isscalar(hidden) else list(hidden)
+        if not all(_is_size(h) for h in hidden):
+            raise ValueError(f'MLP: hidden sizes must be positive integers, not {hidden}')
+        sizes = [input_size] + [int(h) for h in hidden] + [output_size]
         rng = np.random.default_rng(rng)
         init = init or ('he' if activation == 'relu' else 'glorot')
         self.activation = activation

@@ -241,6 +241,11 @@ class Select(Op):
         _check_ndim('Select', 'input', x, 2)
         if indices.shape != (x.shape[0],):
             raise ValueError(f'Select: indices of shape {indices.shape} do not fit input {x.shape}')
+        if indices.dtype.kind not in 'iu':
+            raise ValueError(f'Select: indices must be integers, not {indices.dtype}')
+        if indices.size and (indices.min() < 0 or indices.max() >= x.shape[1]):  # numpy would wrap -1 silently
+            bad = indices[(indices < 0) | (indices >= x.shape[1])]
+            raise ValueError(f'Select: indices must be in [0, {x.shape[1]}) for input {x.shape}, got {bad[0]}')
         rows = np.arange(x.shape[0])
         context.update(shape=x.shape, rows=rows, indices=indices)
         return x[rows, indices]
@@ -371,11 +376,19 @@ class Tanh(_Activation):
 
 
 # -- softmax family (over the last dimension)
+def _check_columns(op, x):
+    if x.ndim == 0:
+        raise ValueError(f'{op}: runs over the last dimension; the input is a scalar (shape ())')
+    if x.shape[-1] == 0:
+        raise ValueError(f'{op}: runs over the last dimension, which has 0 columns here: input of shape {x.shape}')
+
+
 class Softmax(Op):
     """softmax over the last dimension, shifted by the maximum (stable for logits of +-1e4)."""
     edits_goutputs = False
     @staticmethod
     def forward(context, x):
+        _check_columns('Softmax', x)
         context['y'] = y = OP_KERNELS['Softmax'].forward(_rows(x)).reshape(x.shape)
         return y
 
@@ -390,6 +403,7 @@ class LogSoftmax(Op):
     edits_goutputs = False
     @staticmethod
     def forward(context, x):
+        _check_columns('LogSoftmax', x)
         context['logp'] = logp = OP_KERNELS['LogSoftmax'].forward(_rows(x))
         return logp.reshape(x.shape)
 
