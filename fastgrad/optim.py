@@ -31,6 +31,49 @@ class FlatParam(NamedTuple):
     flat: np.ndarray   # value.ravel(order), a view
     state: dict        # buffer name -> flat view of state[p][name]
 
+def _number(value):
+    """A finite real number from a Python/numpy scalar or a 0-d array (not bool, text or a sequence)."""
+    value = np.asarray(value)
+    if value.shape != () or value.dtype.kind not in 'iuf':
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _at_least_zero(value):
+    value = _number(value)
+    return value if value is not None and value >= 0 else None
+
+
+def _flag(value):
+    value = np.asarray(value)
+    return bool(value) if value.shape == () and value.dtype.kind == 'b' else None
+
+
+def _betas(value):
+    if isinstance(value, (str, bytes)):
+        return None
+    value = np.asarray(value, dtype=object if not isinstance(value, np.ndarray) else None)
+    if value.shape != (2,):
+        return None
+    betas = tuple(_number(b) for b in value)
+    return betas if all(b is not None and 0 <= b < 1 for b in betas) else None
+
+
+class Rule(NamedTuple):
+    check: object  # value -> the value as the optimizer keeps it, or None when it does not qualify
+    says: str      # what the value must be, for the error
+
+
+HYPERPARAMETERS = {
+    'lr': Rule(_at_least_zero, 'a finite number >= 0'),
+    'momentum': Rule(_at_least_zero, 'a finite number >= 0'),
+    'weight_decay': Rule(_at_least_zero, 'a finite number >= 0'),
+    'eps': Rule(_at_least_zero, 'a finite number >= 0'),
+    'nesterov': Rule(_flag, 'True or False'),
+    'betas': Rule(_betas, 'two numbers in [0, 1)'),
+}
+
 
 class Optimizer:
     """Base class. `defaults`: each hyperparameter and its default (None: the user must give it)."""
@@ -59,6 +102,7 @@ class Optimizer:
             group.setdefault(key, self.param_groups[0][key] if self.param_groups else default)
             if group[key] is None:
                 raise ValueError(f'{name}: {key} is required')
+            group[key] = self._checked(key, group[key], name)
         known = set(self.params)
         for p in group['params']:
             if not np.issubdtype(p.dtype, np.floating):
@@ -158,36 +202,116 @@ class Optimizer:
                     state.setdefault(name, np.zeros(len(params), dtype=np.asarray(value).dtype))[i] = value
         return state
 
+    # what each hyperparameter must be (torch.optim's own checks), and the state a parameter may have
+    buffers = ()   # names of arrays shaped like the parameter, in state[p]
+    nonnegative_buffers = ()  # those of them that are never negative
+    counters = ()  # names of whole numbers per parameter (Adam's step), one array over the parameters
+
+    @classmethod
+    def _checked(cls, name, value, where, key=None):
+        """value as the hyperparameter `name` takes it (Python numbers); ValueError naming it (as `key`,
+        its state dict entry, when given) otherwise."""
+        rule = HYPERPARAMETERS[name]
+        try:
+            checked = rule.check(value)
+        except (TypeError, ValueError, OverflowError):
+            checked = None
+        if checked is None:
+            shown = value.tolist() if isinstance(value, np.ndarray) else value
+            raise ValueError(f'{where}: {key or name} must be {rule.says}, not {shown!r}')
+        return checked
+
+    def state_spec(self):
+        """What state_dict() holds once every parameter has taken a step, {key: files.Member}: a checkpoint
+        is read against it from its headers, before any data."""
+        from .files import Member
+        spec = {key: Member((2,) if name == 'betas' else (), 'b' if name == 'nesterov' else 'biuf')
+                for _, name, key in self._hyperparameter_keys()}
+        params = self.params
+        for name in self._buffer_names():
+            spec.update({f'{name}.{i}': Member(p.shape, 'biuf') for i, p in enumerate(params)})
+        spec.update({name: Member((len(params),), 'biuf') for name in self.counters})
+        return spec
+
+    def _buffer_names(self):
+        """The buffers a step makes with the current hyperparameters (SGD's only with momentum)."""
+        return self.buffers
+
     def load_state_dict(self, state):
+        """Restores hyperparameters and per-parameter state from a state_dict().
+
+        Every entry is checked before anything changes (a failure leaves the optimizer as it was): each
+        hyperparameter's type, shape, finiteness and range; each buffer's name, parameter index, shape,
+        finiteness and range, and that its values fit the parameter's dtype; and that a parameter's state is
+        whole (Adam: a step count > 0 with both moments, or none of them). As in torch, a parameter may have
+        no state at all (no step has reached it yet)."""
+        from .modules import fitting
         cls = type(self).__name__
+        where = f'{cls}.load_state_dict'
         hyper = self._hyperparameter_keys()
+        groups = [{} for _ in self.param_groups]
+        index = {id(group): g for g, group in enumerate(self.param_groups)}
         for group, name, key in hyper:
             if key not in state:
-                raise ValueError(f'{cls}.load_state_dict: {key} is missing')
+                raise ValueError(f'{where}: {key} is missing')
             value = np.asarray(state[key])
-            group[name] = tuple(value.tolist()) if value.ndim else value.item()
+            if value.dtype.kind not in 'biuf':  # text, objects: no number to read
+                shown = value.tolist()
+                raise ValueError(f'{where}: {key} must be {HYPERPARAMETERS[name].says}, not {shown!r}')
+            groups[index[id(group)]][name] = self._checked(name, value, where, key)
+        for g, new in enumerate(groups):
+            if 'nesterov' in new and new['nesterov'] and new['momentum'] <= 0:
+                raise ValueError(f'{where}: nesterov momentum needs momentum > 0 (group {g})')
         params = self.params
         loaded = {p: {} for p in params}
         hyper_keys = {key for _, _, key in hyper}
         for key, buf in state.items():
             if key in hyper_keys:
                 continue
-            name, _, index = key.rpartition('.')
-            if not name and np.shape(buf) == (len(params),):  # a number per parameter
-                for p, value in zip(params, np.asarray(buf).tolist()):
-                    loaded[p][key] = value
+            if key in self.counters:
+                counts = np.asarray(buf)
+                if counts.dtype.kind not in 'biuf' or counts.shape != (len(params),):
+                    raise ValueError(f'{where}: {key} must be {len(params)} whole numbers >= 0 (one per parameter), '
+                                     f'not {counts.dtype} of shape {counts.shape}')
+                if not np.all(np.isfinite(counts)) or not np.all(counts == np.round(counts)):
+                    raise ValueError(f'{where}: {key} must hold whole numbers >= 0, not {counts.tolist()}')
+                if np.any(counts < 0):
+                    raise ValueError(f'{where}: {key} must hold whole numbers >= 0, not {counts.tolist()}')
+                for p, value in zip(params, counts.tolist()):
+                    if value:
+                        loaded[p][key] = int(value)
                 continue
-            if not name or not index.isdigit() or int(index) >= len(params):
-                raise ValueError(f'{cls}.load_state_dict: unexpected entry {key!r}')
-            p = params[int(index)]
+            name, _, i = key.rpartition('.')
+            if name not in self.buffers or not i.isdigit() or str(int(i)) != i or int(i) >= len(params):
+                raise ValueError(f'{where}: unexpected entry {key!r}; {cls} keeps '
+                                 f'{", ".join(self.buffers + self.counters) or "no state"}'
+                                 f' for {len(params)} parameters')
+            p = params[int(i)]
             if np.ndim(buf) == 1 and np.size(buf) == p.value.size and p.value.ndim != 1:
                 buf = np.reshape(buf, p.value.shape)  # older checkpoints kept flat buffers (C order)
-            if np.shape(buf) != p.value.shape:
-                raise ValueError(f'{cls}.load_state_dict: {key} has shape {np.shape(buf)}, the parameters need '
-                                 f'{p.value.shape}')
-            loaded[p][name] = np.array(buf, dtype=p.dtype)
+            try:
+                value = fitting(buf, p.dtype, p.value.shape)
+            except ValueError as e:
+                raise ValueError(f'{where}: {key} {e}'.replace('expected', 'the parameter has')) from None
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f'{where}: {key} holds values that are not finite')
+            if name in self.nonnegative_buffers and np.any(value < 0):
+                raise ValueError(f'{where}: {key} must be >= 0 everywhere (a running mean of squares)')
+            loaded[p][name] = np.array(value, dtype=p.dtype)  # our own copy, never the caller's array
+        for i, p in enumerate(params):
+            names = set(loaded[p])
+            if names and self.counters and names != set(self.buffers + self.counters):
+                def shown(names):
+                    return ', '.join(sorted(f'{n}.{i}' if n in self.buffers else f'{n}[{i}] > 0' for n in names))
+                raise ValueError(f'{where}: parameter {i} has partial state: {shown(names)} without '
+                                 f'{shown(set(self.buffers + self.counters) - names)}')
+        # everything is checked: from here on nothing can fail
+        for group, new in zip(self.param_groups, groups):
+            group.update(new)
         self.state = {p: s for p, s in loaded.items() if s}
         self._flat = {}  # the flat views point at the old buffers
+        if hasattr(self, '_scalars'):
+            self._scalars = {}
 
     def _update(self, p, flat, grad, group):
         raise NotImplementedError
@@ -197,11 +321,16 @@ class SGD(Optimizer):
     """torch.optim.SGD: d = g + wd p; buf = momentum buf + d; d = d + momentum buf (nesterov) or buf; p -= lr d."""
     defaults = {'lr': None, 'momentum': 0.0, 'nesterov': False, 'weight_decay': 0.0}
 
+    buffers = ('momentum_buffer',)
+
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
-        if nesterov and momentum <= 0:
-            raise ValueError('SGD: nesterov momentum needs momentum > 0')
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
+        if any(group['nesterov'] and group['momentum'] <= 0 for group in self.param_groups):
+            raise ValueError('SGD: nesterov momentum needs momentum > 0')
         self._scalars = {}  # (group index, dtype) -> (hyperparameters, the kernel's rule and scalars)
+
+    def _buffer_names(self):
+        return self.buffers if any(group['momentum'] for group in self.param_groups) else ()
 
     def _update(self, p, flat, grad, group):
         dtype = flat.value.dtype
@@ -220,9 +349,12 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay added to the gradient), bias-corrected moments."""
     defaults = {'lr': 1e-3, 'betas': (0.9, 0.999), 'eps': 1e-8, 'weight_decay': 0.0}
+    buffers = ('exp_avg', 'exp_avg_sq')
+    nonnegative_buffers = ('exp_avg_sq',)
+    counters = ('step',)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, flat, grad, group):
         state = self.state.setdefault(p, {})
