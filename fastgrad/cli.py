@@ -1,19 +1,36 @@
 """The `fastgrad` command: `fastgrad train ...` (and `python -m fastgrad train ...`)."""
 import argparse
+import errno
 import json
+import os
 import signal
 import sys
 
 from . import __version__
-from .files import atomic_open
+from .files import atomic_open, check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from .experiments import add_experiment_commands
 from .options import add_training_options, config_from, positive
-from .plots import plot_curves
+from .plots import plot_curves, plot_format
 from .train import TrainingDiverged, train
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one `fastgrad: ...` line (exit status 2) like every other error here."""
+
+    def error(self, message):
+        self.exit(2, f'fastgrad: {message} (see {self.prog} --help)\n')
+
+
+def check_plot(path):
+    check_output_file('--plot', path)
+    try:
+        plot_format(path)
+    except ValueError as e:
+        raise ValueError(f'--plot {path}: {e}') from None
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog='fastgrad', description='fastgrad: a small, fast autodiff engine.')
+    parser = Parser(prog='fastgrad', description='fastgrad: a small, fast autodiff engine.')
     parser.add_argument('--version', action='version', version=f'fastgrad {__version__}')
     commands = parser.add_subparsers(dest='command', title='commands')
 
@@ -53,7 +70,19 @@ def run_train(parser, args):
         except ImportError:
             parser.error('--plot needs matplotlib: pip install "fastgrad[plot]"')
     config = config_from(args)
+    if args.log:
+        check_output_file('--log', args.log)
+    if args.plot:
+        check_plot(args.plot)
+    if args.checkpoint:
+        check_output_folder('--checkpoint', args.checkpoint)
+        with folder_lock(args.checkpoint):  # a second run into the folder fails at once, naming this one
+            remove_stale_temporaries(args.checkpoint)  # a kill -9 mid-write leaves one; no one else writes here
+            return _run_train(args, config)
+    return _run_train(args, config)
 
+
+def _run_train(args, config):
     def on_epoch(record, history):
         print_epoch(record)
         if args.log:
@@ -86,6 +115,17 @@ def stop_requested():
     return _stop['requested']
 
 
+# the user's path or file is at fault (exit 2, as for bad arguments); others (a full disk) are exit 1
+USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EROFS}
+
+
+def describe(e):
+    """An OSError in one line, naming its file."""
+    if e.filename is not None:
+        return f'{e.filename}: {e.strerror or e}'
+    return e.strerror or str(e)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,12 +143,12 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f'fastgrad: {e}', file=sys.stderr)
         return 1
-    except FileNotFoundError as e:
+    except ValueError as e:  # bad arguments, paths or files (named in the message), found before any work
         print(f'fastgrad: {e}', file=sys.stderr)
         return 2
-    except ValueError as e:
-        print(f'fastgrad: {e}', file=sys.stderr)
-        return 2
+    except OSError as e:
+        print(f'fastgrad: {describe(e)}', file=sys.stderr)
+        return 2 if e.errno in USER_ERRNOS else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-from .files import atomic_open
-from .options import add_training_options, config_from, positive
+from .files import atomic_open, check_output_file, check_output_folder
+from .options import add_training_options, config_from, momentum, positive, positive_float, positive_int
 from .plots import plot_curves
 from .train import TrainingDiverged, train
 
@@ -33,11 +33,11 @@ def add_experiment_commands(commands):
 
     p = kinds.add_parser('sweep', help='train one model per lr x momentum x epochs; CSV and Markdown table')
     add_training_options(p, grid=True)
-    p.add_argument('--activation', choices=['sigmoid', 'relu', 'tanh'], default='sigmoid')
-    p.add_argument('--lr', type=float, nargs='+', required=True, metavar='L')
-    p.add_argument('--momentum', type=float, nargs='+', required=True, metavar='M')
-    p.add_argument('--epochs', type=int, nargs='+', required=True, metavar='E')
-    p.add_argument('--workers', type=int, default=os.cpu_count(), help='Dask worker processes (local cluster)')
+    p.add_argument('--activation', choices=['sigmoid', 'relu', 'tanh'], default='relu')  # as train's
+    p.add_argument('--lr', type=positive_float, nargs='+', required=True, metavar='L')
+    p.add_argument('--momentum', type=momentum, nargs='+', required=True, metavar='M')
+    p.add_argument('--epochs', type=positive_int, nargs='+', required=True, metavar='E')
+    p.add_argument('--workers', type=positive_int, default=os.cpu_count(), help='Dask worker processes (local cluster)')
     p.add_argument('--scheduler', metavar='ADDRESS', help='submit to an existing Dask cluster instead')
     p.add_argument('--out', default='.', metavar='DIR', help='folder for sweep.csv and sweep.md')
     p.set_defaults(run=run_sweep)
@@ -64,7 +64,9 @@ def still_epochs(history, digits=4):
 
 
 def run_activations(parser, args):
-    os.makedirs(args.out, exist_ok=True)
+    check_output_folder('--out', args.out)
+    for name in ('activations.csv', 'activations.png'):
+        check_output_file('--out', os.path.join(args.out, name))
     curves, rows = {}, []
     for activation in ('sigmoid', 'relu'):
         # one initialisation for both (Glorot, vugrad's), so that only the activation differs
@@ -116,7 +118,7 @@ def run_on_dask(configs, workers, scheduler):
     from dask.distributed import Client, LocalCluster, as_completed
     cluster = None if scheduler else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                                   dashboard_address=None)
-    client = Client(scheduler or cluster)
+    client = connect(Client, scheduler) if scheduler else Client(cluster)
     try:
         futures = [client.submit(run_configuration, c, pure=False) for c in configs]
         for future in as_completed(futures):
@@ -125,6 +127,30 @@ def run_on_dask(configs, workers, scheduler):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+SCHEDULER_TIMEOUT = 5  # seconds to wait for an existing --scheduler to answer
+
+
+def connect(Client, address, timeout=SCHEDULER_TIMEOUT):
+    """A Dask client of the scheduler at `address`, or one ValueError naming the address: within `timeout`
+    seconds, whatever answers there (nothing, or a server speaking another protocol)."""
+    import logging
+    quiet = [logging.getLogger(name) for name in ('distributed', 'distributed.comm', 'distributed.client',
+                                                   'distributed.core')]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # distributed logs each failed attempt; the one line below says what happened
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return Client(address, timeout=timeout)
+    except Exception as e:  # OSError, TimeoutError, ValueError, and MemoryError from a foreign protocol
+        if isinstance(e, MemoryError):  # read a length from a server that speaks another protocol
+            raise ValueError(f'--scheduler {address}: something answered, but not a Dask scheduler ({e})') from None
+        why = f'{type(e).__name__}: {e}'.strip().rstrip(':')
+        raise ValueError(f'--scheduler {address}: no Dask scheduler answered within {timeout} s ({why})') from None
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 def sweep(configs, workers=1, scheduler=None, on_row=None):
@@ -166,8 +192,10 @@ def run_sweep(parser, args):
         parser.error('--lr and --epochs values must be positive')
     base = config_from(args, lr=args.lr[0], momentum=args.momentum[0], epochs=args.epochs[0])
     configs = sweep_configs(base, args.lr, args.momentum, args.epochs)
-    os.makedirs(args.out, exist_ok=True)
+    check_output_folder('--out', args.out)
     csv_path, md_path = os.path.join(args.out, 'sweep.csv'), os.path.join(args.out, 'sweep.md')
+    for path in (csv_path, md_path):
+        check_output_file('--out', path)
     bar = None
     if not args.no_progress and sys.stderr.isatty():
         from tqdm import tqdm

@@ -130,6 +130,32 @@ def folder_lock(folder):
         os.close(fd)  # releases the lock
 
 
+# -- output paths, checked before any work (errors name the option as the user typed it)
+def check_output_file(option, path):
+    """That `path` can be written (atomically: a new file in its folder, renamed over it), before any work."""
+    if os.path.isdir(path):
+        raise ValueError(f'{option} {path}: is a folder; give a file name')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(folder):
+        raise ValueError(f'{option} {path}: the folder {folder} does not exist')
+    if not os.path.isdir(folder):
+        raise ValueError(f'{option} {path}: {folder} is not a folder')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f'{option} {path}: cannot write in the folder {folder} (permission denied)')
+
+
+def check_output_folder(option, path):
+    """That `path` is a folder fastgrad can write in, made if missing, before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f'{option} {path}: not a folder (a file of that name exists)')
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'{option} {path}: cannot make the folder ({e.strerror})') from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f'{option} {path}: cannot write in the folder (permission denied)')
+
+
 def save_npz(path, arrays):
     """np.savez to `path`, atomically: a crash leaves no half-written file."""
     with atomic_open(path, 'wb') as f:

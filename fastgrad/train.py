@@ -14,7 +14,7 @@ import numpy as np
 from . import data as datasets
 from .compiled import compile
 from .core import TensorNode, no_grad
-from .files import load_npz, save_npz
+from .files import Member, load_npz, save_npz
 from .functions import cross_entropy
 from .modules import MLP
 from .optim import SGD, Adam, CosineAnnealingLR, StepLR
@@ -104,6 +104,10 @@ def accuracy(model, x, y, batch_size=2000):
     return correct / len(x)
 
 
+META_MAX_BYTES = 64 << 20  # the JSON of settings, RNG and history: a few kB per hundred epochs
+HISTORY_FIELDS = ('epoch', 'val_accuracy', 'train_loss', 'lr', 'seconds', 'samples_per_second')
+
+
 def save_checkpoint(folder, config, model, optimizer, rng, history):
     arrays = {f'model.{k}': v for k, v in model.state_dict().items()}
     arrays.update({f'optim.{k}': v for k, v in optimizer.state_dict().items()})
@@ -113,23 +117,72 @@ def save_checkpoint(folder, config, model, optimizer, rng, history):
     save_npz(os.path.join(folder, CHECKPOINT_FILE), arrays)
 
 
-def load_checkpoint(folder, config, model, optimizer, rng):
-    """Restores a checkpoint into model, optimizer and rng; returns the history it holds."""
-    path = os.path.join(folder, CHECKPOINT_FILE)
-    arrays = load_npz(path)
+def checkpoint_spec(model, optimizer):
+    """What a checkpoint of this model and optimizer holds (after at least one epoch: every parameter has
+    its optimizer state), {key: files.Member}; load_checkpoint reads nothing else."""
+    spec = {'meta': Member((), 'U', max_bytes=META_MAX_BYTES)}
+    spec.update({f'model.{k}': m for k, m in model.state_spec().items()})
+    spec.update({f'optim.{k}': m for k, m in optimizer.state_spec().items()})
+    return spec
+
+
+def _read_meta(meta, config, rng):
+    """The checkpoint's meta entry, checked whole: settings, RNG state, history. ValueError otherwise."""
     try:
-        meta = json.loads(str(arrays.pop('meta')))
-    except (KeyError, ValueError):
-        raise ValueError(f'{path}: not a fastgrad training checkpoint (no readable meta entry)') from None
+        meta = json.loads(str(meta))
+    except ValueError as e:
+        raise ValueError(f'its meta entry is not valid JSON ({e})') from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in
+                                             (('config', dict), ('rng', dict), ('history', list))):
+        raise ValueError('its meta entry lacks the settings (config), the rng state or the history of a fastgrad '
+                         'training checkpoint')
+    known = dataclasses.asdict(TrainConfig())
+    unknown = sorted(meta['config'].keys() - known.keys())
+    if unknown:
+        raise ValueError(f'the checkpoint has settings this fastgrad does not know ({", ".join(unknown)}); '
+                         f'it was written by another version, or changed')
     # settings added since the checkpoint was written take their defaults
-    saved = {**dataclasses.asdict(TrainConfig()), **meta['config']}
+    saved = {**known, **meta['config']}
     changed = sorted(k for k, v in dataclasses.asdict(config).items()
                      if saved.get(k) != v and k not in RESUMABLE_CHANGES)
     if changed:
-        raise ValueError(f'{path}: the checkpoint was made with different settings ({", ".join(changed)}); '
+        raise ValueError(f'the checkpoint was made with different settings ({", ".join(changed)}); '
                          f'resume with the same ones, or use a new --checkpoint folder')
-    model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
-    optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('optim.')})
+    for i, record in enumerate(meta['history']):
+        if (not isinstance(record, dict) or record.get('epoch') != i
+                or not all(type(record.get(k)) in (int, float) for k in HISTORY_FIELDS)):
+            raise ValueError(f'history entry {i} is not the record of epoch {i} (numbers for '
+                             f'{", ".join(HISTORY_FIELDS)}): {str(record)[:200]}')
+    probe = type(rng.bit_generator)()
+    try:
+        probe.state = meta['rng']
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        raise ValueError(f'its rng state is not a {type(probe).__name__} state ({type(e).__name__}: {e})') from None
+    return meta
+
+
+def load_checkpoint(folder, config, model, optimizer, rng):
+    """Restores a checkpoint into model, optimizer and rng; returns the history it holds.
+
+    The file is read against checkpoint_spec (keys, shapes and dtypes from its headers, before any data) and
+    checked whole before anything is restored: a damaged or foreign checkpoint is one ValueError naming the
+    file and what is wrong, and leaves model, optimizer and rng as they were."""
+    path = os.path.join(folder, CHECKPOINT_FILE)
+    spec = checkpoint_spec(model, optimizer)
+    # the settings first, so that a run with other settings hears that rather than a shape mismatch
+    meta = load_npz(path, spec, only=('meta',))['meta']
+    try:
+        meta = _read_meta(meta, config, rng)
+    except ValueError as e:
+        raise ValueError(f'{path}: {e}') from None
+    arrays = load_npz(path, spec, only=spec.keys() - {'meta'})
+    before = model.state_dict()
+    try:
+        model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('model.')})
+        optimizer.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith('optim.')})
+    except ValueError as e:
+        model.load_state_dict(before)
+        raise ValueError(f'{path}: {e}') from None
     rng.bit_generator.state = meta['rng']
     return meta['history']
 

@@ -47,7 +47,7 @@ def test_python_dash_m_and_no_progress_bar_in_pipes():
     (['train', '-D', 'cifar'], "invalid choice: 'cifar' (choose from synth, mnist)"),
     (['train', '--activation', 'gelu'], "invalid choice: 'gelu'"),
     (['train', '--optimizer', 'rmsprop'], "choose from sgd, adam"),
-    (['train', '-b', '0'], '--batch-size must be positive'),
+    (['train', '-b', '0'], 'argument -b/--batch-size: must be a positive integer, not 0'),
     (['train', '--resume'], '--resume needs --checkpoint'),
 ])
 def test_bad_arguments(args, message, capsys):
