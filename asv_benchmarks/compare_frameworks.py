@@ -1,4 +1,4 @@
-"""Epoch time of fastgrad against PyTorch CPU and a hand-written numpy loop, each in its own process.
+"""Epoch time of fastgrad against PyTorch CPU, JAX and a hand-written numpy loop, each in its own process.
 
     python asv_benchmarks/compare_frameworks.py                 # workloads A and B, 3 runs each
     python asv_benchmarks/compare_frameworks.py --repeats 7 --epochs 3 --scaling --memory
@@ -8,9 +8,21 @@ Workload A: MNIST-shaped MLP 784-300-10 relu, batch 128, SGD momentum 0.9, lr 0.
 random pixels are all nonzero, so fastgrad's sparse-input first layer stays dense on them and the table
 says which data ran). Workload B: vugrad's synth task,
 2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run
-(--epochs timed epochs each, after 20 warm-up steps); the table gives the medians over all timed epochs
-and their ratios (fastgrad / other; below 1 means fastgrad is faster), with the lowest and highest ratio
-of a single round in brackets. PyTorch is skipped when it is not installed.
+(--epochs timed epochs each, after a warm-up: 20 steps, or one epoch for the compiled epochs, so that
+compilation is never timed); the table gives the medians over all timed epochs and their ratios
+(fastgrad / other; below 1 means fastgrad is faster), with the lowest and highest ratio of a single round
+in brackets. Columns:
+
+  fastgrad        the compiled step, a whole epoch per call (fastgrad.compile(step).run)
+  fastgrad-step   the compiled step called once per batch from a Python loop
+  fastgrad-eager  the eager step (op by op)
+  numpy           a hand-written numpy loop of the same maths, no graph
+  torch           PyTorch CPU, one step per batch
+  jax-step        a jax.jit step fed numpy batches from a Python loop
+  jax-scan        the whole epoch as one jitted lax.scan over batches already on the device (the gather of
+                  the batches is not timed; the short last batch is one jax-step call)
+
+PyTorch and JAX are skipped when they are not installed.
 """
 import argparse
 import json
@@ -47,8 +59,9 @@ def workload_data(name, seed=0):
     return x, (q > 0.6).astype(np.int64), 'synth'
 
 
-# -- one epoch per framework: same data order, same maths
-def fastgrad_trainer(sizes, lr, momentum):
+# -- one epoch per framework: same data order, same maths. A trainer returns ('step', fn(xb, yb)) or
+# ('epoch', fn(x, y, order, batch)).
+def fastgrad_step(sizes, lr, momentum):
     import fastgrad as fg
     model = fg.MLP(sizes[0], sizes[-1], hidden=sizes[1:-1], activation='relu', rng=0)
     opt = fg.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -58,12 +71,99 @@ def fastgrad_trainer(sizes, lr, momentum):
         loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
         loss.backward()
         opt.step()
-        return loss.value
+        return loss
     return step
+
+
+def fastgrad_eager_trainer(sizes, lr, momentum):
+    step = fastgrad_step(sizes, lr, momentum)
+    return 'step', lambda xb, yb: step(xb, yb).value
+
+
+def fastgrad_step_trainer(sizes, lr, momentum):
+    import fastgrad as fg
+    return 'step', fg.compile(fastgrad_step(sizes, lr, momentum))
+
+
+def fastgrad_trainer(sizes, lr, momentum):
+    import fastgrad as fg
+    step = fg.compile(fastgrad_step(sizes, lr, momentum))
+    return 'epoch', lambda x, y, order, batch: step.run(x, y, batch, order)[-1]
+
+
+def jax_functions(sizes, lr, momentum):
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+    params = [(jnp.asarray((rng.standard_normal((i, o)) * np.sqrt(2 / i)).astype(np.float32)),
+               jnp.zeros(o, jnp.float32)) for i, o in zip(sizes[:-1], sizes[1:])]
+    bufs = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    def loss_fn(params, xb, yb):
+        h = xb
+        for k, (w, b) in enumerate(params):
+            h = h @ w + b
+            if k < len(params) - 1:
+                h = jax.nn.relu(h)
+        logp = jax.nn.log_softmax(h)
+        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+    def update(params, bufs, xb, yb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
+        bufs = jax.tree_util.tree_map(lambda b, g: momentum * b + g, bufs, grads)
+        params = jax.tree_util.tree_map(lambda p, b: p - lr * b, params, bufs)
+        return params, bufs, loss
+
+    def scan_epoch(params, bufs, xs, ys):
+        def body(carry, batch):
+            p, b, loss = update(*carry, *batch)
+            return (p, b), loss
+        (params, bufs), losses = jax.lax.scan(body, (params, bufs), (xs, ys))
+        return params, bufs, losses
+    return {'params': params, 'bufs': bufs, 'step': jax.jit(update), 'epoch': jax.jit(scan_epoch)}
+
+
+def jax_step_trainer(sizes, lr, momentum):
+    f = jax_functions(sizes, lr, momentum)
+    state = [f['params'], f['bufs']]
+
+    def step(xb, yb):
+        state[0], state[1], loss = f['step'](state[0], state[1], xb, yb)
+        return float(loss)
+    return 'step', step
+
+
+def jax_scan_trainer(sizes, lr, momentum):
+    import jax
+    import jax.numpy as jnp
+    f = jax_functions(sizes, lr, momentum)
+    state = [f['params'], f['bufs']]
+    gathered = {}
+
+    def epoch(x, y, order, batch):
+        full = len(order) // batch
+        key = id(order)
+        if key not in gathered:  # the batches, gathered and on the device before the clock starts
+            idx = order[:full * batch].reshape(full, batch)
+            tail = order[full * batch:]
+            gathered.clear()
+            gathered[key] = (jax.device_put(jnp.asarray(x[idx])), jax.device_put(jnp.asarray(y[idx])),
+                             jnp.asarray(x[tail]), jnp.asarray(y[tail]))
+            return None
+        xs, ys, xt, yt = gathered[key]
+        state[0], state[1], losses = f['epoch'](state[0], state[1], xs, ys)
+        if len(xt):
+            state[0], state[1], loss = f['step'](state[0], state[1], xt, yt)
+        return float(losses[-1].block_until_ready())
+    return 'epoch', epoch
 
 
 def numpy_trainer(sizes, lr, momentum):
     """A plain float32 numpy loop: no graph, the same maths as fastgrad's fused kernels."""
+    return 'step', numpy_step(sizes, lr, momentum)
+
+
+def numpy_step(sizes, lr, momentum):
     rng = np.random.default_rng(0)
     ws = [(rng.standard_normal((i, o)) * np.sqrt(2 / i)).astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
     bs = [np.zeros(o, np.float32) for o in sizes[1:]]
@@ -116,27 +216,43 @@ def torch_trainer(sizes, lr, momentum):
         loss.backward()
         opt.step()
         return loss.item()
-    return step
+    return 'step', step
 
 
-TRAINERS = {'fastgrad': fastgrad_trainer, 'numpy': numpy_trainer, 'torch': torch_trainer}
+TRAINERS = {'fastgrad': fastgrad_trainer, 'fastgrad-step': fastgrad_step_trainer,
+            'fastgrad-eager': fastgrad_eager_trainer, 'numpy': numpy_trainer, 'torch': torch_trainer,
+            'jax-step': jax_step_trainer, 'jax-scan': jax_scan_trainer}
 
 
 def run_child(args):
     x, y, source = workload_data(args.workload)
     sizes = [x.shape[1]] + args.hidden + [int(y.max()) + 1]
-    step = TRAINERS[args.child](sizes, lr=0.01, momentum=0.9)
+    kind, fn = TRAINERS[args.child](sizes, lr=0.01, momentum=0.9)
     order = np.random.default_rng(1).permutation(len(x))
-    for fr in range(0, 20 * args.batch, args.batch):  # warm up: compile kernels, fault in buffers
-        idx = order[fr:fr + args.batch]
-        step(x[idx], y[idx])
+
+    def epoch():
+        if kind == 'epoch':
+            return fn(x, y, order, args.batch)
+        for fr in range(0, len(x), args.batch):
+            idx = order[fr:fr + args.batch]
+            loss = fn(x[idx], y[idx])
+        return loss
+
+    if kind == 'epoch':  # warm up: compile (and gather, for jax-scan) outside the clock
+        fn(x, y, order, args.batch)
+        fn(x, y, order, args.batch)
+    else:
+        for fr in range(0, 20 * args.batch, args.batch):  # warm up: compile kernels, fault in buffers
+            idx = order[fr:fr + args.batch]
+            fn(x[idx], y[idx])
+        tail = order[len(x) // args.batch * args.batch:]
+        if len(tail):
+            fn(x[tail], y[tail])  # the short last batch's shape, compiled too
     rss = []
     times = []
     for _ in range(args.epochs):
         start = time.perf_counter()
-        for fr in range(0, len(x), args.batch):
-            idx = order[fr:fr + args.batch]
-            loss = step(x[idx], y[idx])
+        loss = epoch()
         times.append(time.perf_counter() - start)
         rss.append(peak_rss_mb())
     print(json.dumps({'seconds': times, 'loss': float(loss), 'peak_rss_mb': rss, 'data': source,
@@ -158,26 +274,36 @@ def child(framework, workload, hidden, batch, epochs=1):
 
 
 def frameworks():
-    names = ['fastgrad', 'numpy']
-    try:
-        import torch  # noqa: F401
-        names.append('torch')
-    except ImportError:
-        print('PyTorch not installed: its column is skipped')
+    names = ['fastgrad', 'fastgrad-step', 'fastgrad-eager', 'numpy']
+    for peer, columns in (('torch', ['torch']), ('jax', ['jax-step', 'jax-scan'])):
+        try:
+            __import__(peer)
+            names += columns
+        except ImportError:
+            print(f'{peer} is not installed: its columns are skipped')
     return names
 
 
+def pairs(names):
+    """The ratios the table gives: the compiled epoch against every other column, and the compiled step
+    called per batch against JAX's jitted step fed the same way."""
+    out = [('fastgrad', n) for n in names if n != 'fastgrad']
+    if 'fastgrad-step' in names and 'jax-step' in names:
+        out.append(('fastgrad-step', 'jax-step'))
+    return out
+
+
 def compare(workload, hidden, batch, repeats, names, epochs=1):
-    """Medians over every timed epoch of every run, and fastgrad's ratio to each other framework in each
-    round (the frameworks' runs back to back), whose spread shows how far the shared machine moved."""
+    """Medians over every timed epoch of every run, and each pair's ratio in each round (the frameworks'
+    runs back to back), whose spread shows how far the shared machine moved."""
     runs = {name: [] for name in names}
     for _ in range(repeats):  # alternate, so drift on a shared machine hits every framework alike
         for name in names:
             result = child(name, workload, hidden, batch, epochs)
             runs[name].append(result['seconds'])
     medians = {name: float(np.median(np.concatenate(times))) for name, times in runs.items()}
-    round_ratios = {name: [np.median(mine) / np.median(theirs) for mine, theirs in zip(runs['fastgrad'], runs[name])]
-                    for name in names if name != 'fastgrad'}
+    round_ratios = {(a, b): [np.median(mine) / np.median(theirs) for mine, theirs in zip(runs[a], runs[b])]
+                    for a, b in pairs(names)}
     return medians, round_ratios, result['data']
 
 
@@ -197,15 +323,14 @@ def timed(fn):
 
 
 def row(label, medians, names, round_ratios):
-    cells = [f'{medians[n]:.3f}' for n in names]
-    ratios = [f'{medians["fastgrad"] / medians[n]:.2f}x ({min(round_ratios[n]):.2f}-{max(round_ratios[n]):.2f})'
-              for n in names if n != 'fastgrad']
+    cells = [f'{medians[n]:.4f}' for n in names]
+    ratios = [f'{medians[a] / medians[b]:.2f}x ({min(round_ratios[a, b]):.2f}-{max(round_ratios[a, b]):.2f})'
+              for a, b in pairs(names)]
     return f'| {label} | ' + ' | '.join(cells + ratios) + ' |'
 
 
 def header(names):
-    others = [n for n in names if n != 'fastgrad']
-    cols = [f'{n} s' for n in names] + [f'fastgrad/{n} (rounds)' for n in others]
+    cols = [f'{n} s' for n in names] + [f'{a}/{b} (rounds)' for a, b in pairs(names)]
     return '| workload | ' + ' | '.join(cols) + ' |\n|' + '---|' * (len(cols) + 1)
 
 
@@ -217,6 +342,8 @@ def main():
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--epochs', type=int, default=1, help='timed epochs per run (each run is a new process)')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--only', nargs='+', choices=sorted(TRAINERS), metavar='NAME',
+                        help='these columns only (fastgrad, the compiled epoch, always runs)')
     parser.add_argument('--scaling', action='store_true', help='also time hidden 300/1024/3136/4096 and batch 32/128/512')
     parser.add_argument('--memory', action='store_true', help='also track fastgrad peak RSS over 20 epochs')
     args = parser.parse_args()
@@ -225,6 +352,8 @@ def main():
         return run_child(args)
 
     names = frameworks()
+    if args.only:
+        names = [n for n in names if n == 'fastgrad' or n in args.only]
     print(f'machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, '
           f'python {platform.python_version()}, numpy {np.__version__}')
     print(f'float32 sgemm peak (numba BLAS, 2048^3): {sgemm_peak():.1f} GFLOP/s\n')

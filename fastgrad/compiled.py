@@ -744,6 +744,10 @@ def _load_module(source):
     return module
 
 
+_NO_STATE = {}
+_HYPER = {SGD: ('lr', 'momentum', 'weight_decay', 'nesterov'), Adam: ('lr', 'betas', 'eps', 'weight_decay')}
+
+
 class Program:
     """One traced variant of a step: the generated functions and what to pass them."""
 
@@ -760,6 +764,9 @@ class Program:
         self.epoch = getattr(module, 'epoch', None)
         self.source = module.__file__
         self.structure = self.structure_key()
+        self.refs = self.hyper = None  # the arrays and hyperparameters the cached arguments were made from
+        self.cached = None
+        self.step_ready = self.epoch_ready = False  # called once (compiled or loaded from numba's cache)
 
     def structure_key(self):
         """What the code is specialised on besides the arguments: each parameter's array (shape, dtype,
@@ -772,6 +779,26 @@ class Program:
                 key += [bool(group['momentum']) for group in opt.param_groups]
         return tuple(key)
 
+    def arguments(self):
+        """The arrays to pass besides the batch, or None when the step must trace again (a parameter's array
+        or the optimizer's kind of update changed). Made anew only when a parameter's array, a state buffer
+        or a hyperparameter is not what it was at the last call; Adam's step counts are read every time."""
+        refs = [p.value for p in self.params]
+        refs += [opt.state.get(p, _NO_STATE).get(name) for opt, p, name in self.state_args if name != 'step']
+        hyper = [group[k] for opt in self.optimizers for group in opt.param_groups for k in _HYPER[type(opt)]]
+        if self.refs is None or hyper != self.hyper or not all(a is b for a, b in zip(refs, self.refs)):
+            if self.structure != self.structure_key():
+                return None
+            self.cached = self.arrays()
+            self.refs = [p.value for p in self.params]
+            self.refs += [opt.state[p][name] for opt, p, name in self.state_args if name != 'step']
+            self.hyper = hyper
+        arrays = self.cached
+        if self.steps:
+            for (opt, p), array in self.steps:
+                array[0] = opt.state[p].get('step', 0)
+        return arrays
+
     def arrays(self):
         """The arguments besides the batch: parameters (storage views), hyperparameter tables, state buffers."""
         out = [p.value.T if t else p.value for p, t in zip(self.params, self.transposed)]
@@ -781,10 +808,12 @@ class Program:
             else:
                 rows = [(g['lr'], g['betas'][0], g['betas'][1], g['eps'], g['weight_decay']) for g in opt.param_groups]
             out.append(np.array(rows, dtype=np.float64))
+        self.steps = []
         for opt, p, name in self.state_args:
             state = opt.state.setdefault(p, {})
             if name == 'step':
                 out.append(np.array([state.get('step', 0)], dtype=np.int64))
+                self.steps.append(((opt, p), out[-1]))
                 continue
             transposed = _storage_transposed(p.value)
             order = 'F' if transposed else 'C'
@@ -804,10 +833,8 @@ class Program:
         optimizer.state, and set each parameter's .grad as an eager step leaves it."""
         if took_sparse:
             backend.sparse_parts()
-        k = len(self.params) + len(self.optimizers)
-        for (opt, p, name), array in zip(self.state_args, arrays[k:]):
-            if name == 'step':
-                opt.state[p]['step'] = int(array[0])
+        for (opt, p), array in self.steps:
+            opt.state[p]['step'] = int(array[0])
         for p, t, g in zip(self.params, self.transposed, grads):
             p.grad = g.T if t else g
         for p in self.params[self.with_grad:]:
@@ -825,22 +852,26 @@ class CompiledStep:
         self.__doc__ = getattr(fn, '__doc__', None)
 
     def _program(self, key):
+        """The program for arguments of these shapes and dtypes and its other arguments, or (None, None)
+        when there is none or it must trace again."""
         program = self.programs.get(key)
-        if program is not None and program.structure != program.structure_key():
-            return None  # a parameter's array or the optimizer's kind changed: trace again
-        return program
+        arrays = None if program is None else program.arguments()
+        return (program, arrays) if arrays is not None else (None, None)
 
     def __call__(self, *args):
-        args = tuple(_argument(a, i) for i, a in enumerate(args))
-        key = tuple((a.shape, a.dtype.str) for a in args)
-        program = self._program(key)
+        args = tuple(a if type(a) is np.ndarray and a.flags.c_contiguous else _argument(a, i)
+                     for i, a in enumerate(args))
+        key = tuple([(a.shape, a.dtype) for a in args])
+        program, arrays = self._program(key)
         if program is None:
             return self._trace(args, key)
-        arrays = program.arrays()
-        start = None if program.step.signatures else time.perf_counter()  # numba compiles (or loads) it now
-        status, took_sparse, results, grads = program.step(*args, *arrays, *_thread_args(program))
-        if start is not None:
+        if program.step_ready:
+            status, took_sparse, results, grads = program.step(*args, *arrays, *_thread_args(program))
+        else:  # numba compiles it (or loads it from its cache) now
+            start = time.perf_counter()
+            status, took_sparse, results, grads = program.step(*args, *arrays, *_thread_args(program))
             self.compile_seconds += time.perf_counter() - start
+            program.step_ready = True
         if status != OK:
             return self.fn(*args)  # eagerly, which raises the error the compiled code found (before any update)
         program.finish(arrays, took_sparse, grads)
@@ -901,22 +932,23 @@ class CompiledStep:
         losses = []
         done = 0
         if full:
-            key = (((batch_size,) + x.shape[1:], x.dtype.str), ((batch_size,) + y.shape[1:], y.dtype.str))
-            if self._program(key) is None:  # trace on the first batch
+            key = (((batch_size,) + x.shape[1:], x.dtype), ((batch_size,) + y.shape[1:], y.dtype))
+            program, arrays = self._program(key)
+            if program is None:  # trace on the first batch
                 idx = order[:batch_size]
                 losses.append(self(x[idx], y[idx]))
                 done = 1
-            program = self._program(key)
+                program, arrays = self._program(key)
             if program.epoch is None:
                 raise TypeError('run: the step must take two arrays (xb, yb) and return one loss')
             if full > done:
-                arrays = program.arrays()
                 out = np.empty(full - done, dtype=np.float64)
-                start = None if program.epoch.signatures else time.perf_counter()
+                start = time.perf_counter()
                 status, took_sparse, grads = program.epoch(x, y, order[done * batch_size:full * batch_size], out,
                                                            *arrays, *_thread_args(program))
-                if start is not None:
+                if not program.epoch_ready:  # numba compiled it (or loaded it from its cache) in that call
                     self.compile_seconds += time.perf_counter() - start
+                    program.epoch_ready = True
                 program.finish(arrays, took_sparse, grads)
                 if status != OK:  # a bad target in batch k: the batches before it have been stepped
                     k = done + (status >> 8)
