@@ -5,6 +5,8 @@ from .ops import (Add, Subtract, Multiply, Divide, MatrixMultiply, BatchMM, Sum,
                   LogSoftmax, CrossEntropy, Linear as LinearOp)
 from .functions import sigmoid, relu, tanh, softmax, logsoftmax, celoss, logceloss, cross_entropy
 from .modules import Module, Linear, MLP, Sequential
+from .conv import (Conv2d, MaxPool2d, Flatten, LeNet, Conv2dOp, MaxPool2dOp, FlattenOp, conv2d, max_pool2d,
+                   flatten)
 from .optim import SGD, Adam, StepLR, CosineAnnealingLR
 from .backend import threads, set_threads
 from .gradcheck import gradcheck, GradcheckError

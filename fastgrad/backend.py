@@ -38,6 +38,8 @@ OP_KERNELS = {
     'Softmax': OpKernels(kernels.softmax),
     'LogSoftmax': OpKernels(kernels.log_softmax, kernels.log_softmax_backward),
     'CrossEntropy': OpKernels(kernels.cross_entropy_forward, kernels.cross_entropy_backward),
+    'Conv2d': OpKernels(kernels.conv2d_forward, kernels.conv2d_backward),
+    'MaxPool2d': OpKernels(kernels.maxpool2d_forward, kernels.maxpool2d_backward),
 }
 
 _FLOAT64 = np.dtype(np.float64)

@@ -10,6 +10,7 @@ from .blas import matmul
 from .linear import linear_forward, linear_backward, sparse_enough
 from .softmax import softmax, log_softmax, log_softmax_backward, cross_entropy_forward, cross_entropy_backward
 from .optim import RULES, update
+from .conv import conv2d_forward, conv2d_backward, maxpool2d_forward, maxpool2d_backward
 
 __all__ = [
     'IDENTITY', 'RELU', 'SIGMOID', 'TANH', 'ACTIVATION_CODES', 'activation_forward', 'activation_backward',
@@ -17,4 +18,5 @@ __all__ = [
     'matmul', 'linear_forward', 'linear_backward', 'sparse_enough',
     'softmax', 'log_softmax', 'log_softmax_backward', 'cross_entropy_forward', 'cross_entropy_backward',
     'RULES', 'update',
+    'conv2d_forward', 'conv2d_backward', 'maxpool2d_forward', 'maxpool2d_backward',
 ]

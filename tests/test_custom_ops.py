@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
-from fastgrad import Op, TensorNode, ops
+from fastgrad import Op, TensorNode, conv, ops
 
 
 class MaskReLU(Op):
@@ -94,12 +94,16 @@ def builtin_cases(rng):
         (ops.Transpose, [m], {}), (ops.Exp, [m], {}), (ops.Log, [pos], {}), (ops.Sigmoid, [m], {}),
         (ops.ReLU, [m], {}), (ops.Tanh, [m], {}), (ops.Softmax, [m], {}), (ops.LogSoftmax, [m], {}),
         (ops.CrossEntropy, [m], {'targets': np.array([0, 2, 1, 0])}),
+        *[(conv.Conv2dOp, [rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((3, 2, 3, 2)), rng.standard_normal(3)],
+           {'stride': 2, 'padding': 1, 'activation': act}) for act in (None, 'relu')],
+        (conv.MaxPool2dOp, [rng.standard_normal((2, 2, 5, 4))], {'kernel_size': 2, 'stride': 1}),
+        (conv.FlattenOp, [rng.standard_normal((2, 2, 3))], {}),
     ]
 
 
 def test_every_builtin_op_promises_to_leave_its_gradient_alone_and_does(rng):
-    builtins = {cls for _, cls in inspect.getmembers(ops, inspect.isclass)
-                if issubclass(cls, Op) and cls is not Op and cls.__module__ == ops.__name__}
+    builtins = {cls for module in (ops, conv) for _, cls in inspect.getmembers(module, inspect.isclass)
+                if issubclass(cls, Op) and cls is not Op and cls.__module__ == module.__name__}
     cases = builtin_cases(rng)
     assert {op for op, _, _ in cases} >= {cls for cls in builtins if not cls.__name__.startswith('_')}
     for op, arrays, constants in cases:
