@@ -3,7 +3,7 @@ they make."""
 import argparse
 import math
 
-from .train import TrainConfig
+from .train import DEFAULT_LR, MODELS, TrainConfig
 
 
 # argument types: argparse names the option as the user can type it ("argument -l/--learning-rate: ...")
@@ -46,10 +46,14 @@ def add_training_options(parser, grid=False):
     """The options every training command shares (vugrad's names where vugrad had them); a grid (the
     sweep) takes its own lists of learning rates, momenta and epochs."""
     parser.add_argument('-D', '--dataset', choices=['synth', 'mnist'], default='synth')
+    parser.add_argument('--model', choices=list(MODELS), default='mlp',
+                        help='mlp (default), or lenet: LeNet-5 on 28x28 images (-D mnist); runs eagerly')
     parser.add_argument('-b', '--batch-size', type=positive_int, default=128)
     if not grid:
         parser.add_argument('-e', '--epochs', type=positive_int, default=20)
-        parser.add_argument('-l', '--learning-rate', dest='lr', type=positive_float, default=0.01)
+        parser.add_argument('-l', '--learning-rate', dest='lr', type=positive_float, default=None,
+                            help='the learning rate (default: ' + ', '.join(f'{lr:g} for --model {m}' for m, lr
+                                                                             in DEFAULT_LR.items()) + ')')
         parser.add_argument('--momentum', type=momentum, default=0.9, help='SGD momentum (default 0.9)')
     parser.add_argument('--optimizer', choices=['sgd', 'adam'], default='sgd')
     parser.add_argument('--schedule', choices=['constant', 'step', 'cosine'], default='constant',

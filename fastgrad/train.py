@@ -1,4 +1,4 @@
-"""Training an MLP classifier on synth or MNIST: the loop behind `fastgrad train` and the experiments.
+"""Training a classifier (an MLP, or LeNet-5 on images) on synth or MNIST: the loop behind `fastgrad train` and the experiments.
 
 Everything random comes from one seed: the initial weights and the order of the batches. With a
 checkpoint folder, the model, the optimizer, the shuffling RNG, the epoch and the log are written
@@ -16,20 +16,24 @@ from .compiled import compile
 from .core import TensorNode, no_grad
 from .files import Member, load_npz, save_npz
 from .functions import cross_entropy
+from .conv import LeNet, warm as warm_conv
 from .modules import MLP
 from .optim import SGD, Adam, CosineAnnealingLR, StepLR
 
 CHECKPOINT_FILE = 'checkpoint.npz'
 RESUMABLE_CHANGES = ('epochs', 'eager')  # settings a run may change when it resumes
+MODELS = ('mlp', 'lenet')
+DEFAULT_LR = {'mlp': 0.01, 'lenet': 0.05}  # the learning rate when none is given, per model
 CHUNK_BATCHES = 64  # a compiled epoch runs this many batches per call, between progress and Ctrl-C checks
 
 
 @dataclasses.dataclass
 class TrainConfig:
     dataset: str = 'synth'
+    model: str = 'mlp'         # or 'lenet' (images only; its steps run eagerly: fastgrad.compile has no conv ops)
     batch_size: int = 128
     epochs: int = 20
-    lr: float = 0.01
+    lr: float = None           # None: the model's default, DEFAULT_LR
     momentum: float = 0.9
     optimizer: str = 'sgd'
     activation: str = 'relu'
@@ -44,25 +48,45 @@ class TrainConfig:
     gamma: float = 0.1
     eager: bool = False         # run each step op by op in Python instead of as one compiled call
 
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.model, DEFAULT_LR['mlp'])
+
 
 class TrainingDiverged(FloatingPointError):
     """The training loss stopped being a finite number."""
 
 
 def load_data(config):
+    if config.model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, not {config.model!r}")
     if config.dataset == 'synth':
+        if config.model == 'lenet':
+            raise ValueError('--model lenet needs images: use -D mnist (or --data-dir with IDX images)')
         return datasets.load_synth(seed=config.seed, dtype=config.dtype)
     if config.dataset == 'mnist':
-        return datasets.load_mnist(final=config.final, data_dir=config.data_dir, dtype=config.dtype)
+        return datasets.load_mnist(final=config.final, data_dir=config.data_dir, dtype=config.dtype,
+                                   flatten=config.model == 'mlp')
     raise ValueError(f"dataset must be 'synth' or 'mnist', not {config.dataset!r}")
 
 
 def build(config, num_features, num_classes):
-    """The model, its optimizer and the shuffling RNG, all from config.seed."""
+    """The model, its optimizer and the shuffling RNG, all from config.seed. num_features: an int for the
+    MLP, the shape of one image (C, H, W) for LeNet."""
     init_seed, shuffle_seed = np.random.SeedSequence(config.seed).spawn(2)
-    hidden = config.hidden if config.hidden else [4 * num_features]
-    model = MLP(num_features, num_classes, hidden=list(hidden), activation=config.activation,
-                dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed), init=config.init)
+    if config.model == 'lenet':
+        if config.hidden:
+            raise ValueError('--hidden sets the MLP\'s hidden layers; LeNet\'s are fixed (--model lenet)')
+        channels, height, width = num_features
+        if height != width:
+            raise ValueError(f'--model lenet takes square images, not {height}x{width}')
+        model = LeNet(num_classes, in_channels=channels, image_size=height, activation=config.activation,
+                      dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed))
+        warm_conv(config.dtype)  # fastgrad.warmup() leaves the conv kernels out: compile or load them now
+    else:
+        hidden = config.hidden if config.hidden else [4 * num_features]
+        model = MLP(num_features, num_classes, hidden=list(hidden), activation=config.activation,
+                    dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed), init=config.init)
     if config.optimizer == 'sgd':
         optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     elif config.optimizer == 'adam':
@@ -188,14 +212,14 @@ def load_checkpoint(folder, config, model, optimizer, rng):
 
 
 def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, data=None, should_stop=None):
-    """Trains config's MLP; calls on_epoch(record, history) after every epoch and returns a summary dict.
+    """Trains config's model; calls on_epoch(record, history) after every epoch and returns a summary dict.
 
     Each record holds epoch, val_accuracy, train_loss (summed over the epoch's instances), lr (the
     epoch's learning rate), seconds and samples_per_second. Raises TrainingDiverged when the loss becomes NaN or infinite, and
     KeyboardInterrupt between two steps once should_stop() is true.
     """
     (xtrain, ytrain), (xval, yval), num_classes = data or load_data(config)
-    model, optimizer, rng = build(config, xtrain.shape[1], num_classes)
+    model, optimizer, rng = build(config, xtrain.shape[1] if xtrain.ndim == 2 else xtrain.shape[1:], num_classes)
     schedule = make_schedule(config, optimizer)
     history = []
     if resume and checkpoint and os.path.exists(os.path.join(checkpoint, CHECKPOINT_FILE)):
@@ -203,7 +227,8 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
         if schedule is not None:
             schedule.load_state_dict({'last_epoch': len(history)})
     step = training_step(model, optimizer)
-    compiled = None if config.eager else compile(step)
+    # fastgrad.compile has no compiled form of the conv ops yet: LeNet's steps run eagerly
+    compiled = None if config.eager or config.model != 'mlp' else compile(step)
     batches = -(-len(xtrain) // config.batch_size)
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
