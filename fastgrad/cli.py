@@ -148,7 +148,7 @@ def main(argv=None):
         return 2
     except OSError as e:
         print(f'fastgrad: {describe(e)}', file=sys.stderr)
-        return 2 if e.errno in USER_ERRNOS else 1
+        return 2 if isinstance(e, FileNotFoundError) or e.errno in USER_ERRNOS else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
