@@ -134,10 +134,31 @@ class TensorNode:
     def __len__(self):
         return len(self.value)
 
+    @property
+    def ndim(self):
+        return self.value.ndim
+
+    def item(self):
+        """The value of a single-element node as a Python number (numpy's item())."""
+        if self.value.size != 1:
+            raise ValueError(f'item() needs a single-element node; this one has shape {self.value.shape}')
+        return self.value.item()
+
+    def numpy(self):
+        """The value array itself (not a copy, as torch's .numpy()): writing to it changes the node."""
+        return self.value
+
     def __repr__(self):
-        source = None if self.source is None else self.source.op.__name__
-        name = '' if self.name is None else f'{self.name!r}, '
-        return f'TensorNode({name}shape={self.shape}, dtype={self.dtype}, source={source})'
+        """The values as numpy prints them (abbreviated when large), then shape, dtype, requires_grad,
+        and the op that made the node, if any (as torch's grad_fn) and its name, if it has one."""
+        prefix = 'TensorNode('
+        values = np.array2string(self.value, separator=', ', prefix=prefix)
+        extras = [f'shape={self.shape}', f'dtype={self.dtype}', f'requires_grad={self.requires_grad}']
+        if self.source is not None:
+            extras.append(f'source={self.source.op.__name__}')
+        if self.name is not None:
+            extras.append(f'name={self.name!r}')
+        return f'{prefix}{values}, {", ".join(extras)})'
 
     __str__ = __repr__
 
@@ -229,8 +250,10 @@ class TensorNode:
     def matmul(self, other):
         return self @ other
 
-    def sum(self, axis=None):
-        return OPERATORS['Sum'].do_forward(self, axis=axis)
+    # sum, mean and max also take numpy's dtype= and out= (np.sum(node) calls node.sum(axis=..., out=None))
+    def sum(self, axis=None, keepdims=False, dtype=None, out=None):
+        _numpy_arguments('sum', dtype, out)
+        return OPERATORS['Sum'].do_forward(self, axis=axis, keepdims=keepdims)
 
     @property
     def T(self):
@@ -240,6 +263,103 @@ class TensorNode:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return OPERATORS['Reshape'].do_forward(self, shape=shape)
+
+    def __pow__(self, other):
+        return OPERATORS['Power'].do_forward(self, self._node(other))
+
+    def __rpow__(self, other):
+        return OPERATORS['Power'].do_forward(self._node(other), self)
+
+    def __abs__(self):
+        return OPERATORS['Abs'].do_forward(self)
+
+    def abs(self):
+        return abs(self)
+
+    def __getitem__(self, key):
+        """numpy's indexing (ints, slices, None, ..., integer or boolean arrays); the gradient scatters back."""
+        return OPERATORS['Index'].do_forward(self, key=key)
+
+    def __iter__(self):
+        """The nodes self[0], self[1], ... (as iterating a tensor or an array)."""
+        if self.value.ndim == 0:
+            raise TypeError('iteration over a 0-d TensorNode')
+        return (self[i] for i in range(len(self.value)))
+
+    def mean(self, axis=None, keepdims=False, dtype=None, out=None):
+        _numpy_arguments('mean', dtype, out)
+        return OPERATORS['Mean'].do_forward(self, axis=axis, keepdims=keepdims)
+
+    def max(self, axis=None, keepdims=False, out=None):
+        """The maximum (values only, as numpy's; the gradient is split between ties, as torch.amax)."""
+        _numpy_arguments('max', None, out)
+        return OPERATORS['Max'].do_forward(self, axis=axis, keepdims=keepdims)
+
+    def exp(self):
+        return OPERATORS['Exp'].do_forward(self)
+
+    def log(self):
+        return OPERATORS['Log'].do_forward(self)
+
+    def sigmoid(self):
+        return OPERATORS['Sigmoid'].do_forward(self)
+
+    def relu(self):
+        return OPERATORS['ReLU'].do_forward(self)
+
+    def tanh(self):
+        return OPERATORS['Tanh'].do_forward(self)
+
+    def softmax(self, axis=-1):
+        return self._along_last_axis(OPERATORS['Softmax'], axis)
+
+    def log_softmax(self, axis=-1):
+        return self._along_last_axis(OPERATORS['LogSoftmax'], axis)
+
+    def _along_last_axis(self, op, axis):
+        """op (which works over the last axis) over `axis`: swapped to the end and back around it."""
+        ndim = self.value.ndim
+        if not -ndim <= axis < ndim:
+            raise ValueError(f'{op.__name__}: axis {axis} is out of range for shape {self.shape}')
+        axis %= ndim
+        if axis == ndim - 1:
+            return op.do_forward(self)
+        swap = list(range(ndim))
+        swap[axis], swap[-1] = ndim - 1, axis
+        transpose = OPERATORS['Transpose']
+        return transpose.do_forward(op.do_forward(transpose.do_forward(self, axes=tuple(swap))), axes=tuple(swap))
+
+    # comparisons give plain boolean arrays (no graph, no gradient), as numpy's. `==` and `!=` between two
+    # nodes stay identity (a bool), as in vugrad: nodes are graph objects that the engine, optimizers and
+    # course code keep in lists and dicts (`node in visited`); compare `a.value == b.value` for elements.
+    __hash__ = object.__hash__
+
+    def _compare(self, other, compare):
+        return compare(self.value, other.value if isinstance(other, TensorNode) else np.asarray(other))
+
+    def __lt__(self, other):
+        return self._compare(other, np.less)
+
+    def __le__(self, other):
+        return self._compare(other, np.less_equal)
+
+    def __gt__(self, other):
+        return self._compare(other, np.greater)
+
+    def __ge__(self, other):
+        return self._compare(other, np.greater_equal)
+
+    def __eq__(self, other):
+        return self is other if isinstance(other, TensorNode) else self._compare(other, np.equal)
+
+    def __ne__(self, other):
+        return self is not other if isinstance(other, TensorNode) else self._compare(other, np.not_equal)
+
+
+def _numpy_arguments(method, dtype, out):
+    if dtype is not None or out is not None:
+        raise TypeError(f'TensorNode.{method}: dtype= and out= are not supported (the result is a new node); '
+                        f'use .value for numpy\'s')
 
 
 class OpNode:

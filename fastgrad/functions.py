@@ -21,14 +21,14 @@ def tanh(x):
     return Tanh.do_forward(x)
 
 
-def softmax(x):
-    """Softmax over the last dimension, stable for large logits."""
-    return Softmax.do_forward(x)
+def softmax(x, axis=-1):
+    """Softmax over `axis` (the last by default), stable for large logits."""
+    return Softmax.do_forward(x) if axis == -1 else x.softmax(axis)
 
 
-def logsoftmax(x):
-    """log(softmax(x)) over the last dimension, computed as x - logsumexp(x)."""
-    return LogSoftmax.do_forward(x)
+def logsoftmax(x, axis=-1):
+    """log(softmax(x)) over `axis` (the last by default), computed as x - logsumexp(x)."""
+    return LogSoftmax.do_forward(x) if axis == -1 else x.log_softmax(axis)
 
 
 def celoss(probs, targets):

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import backend, kernels
 from .backend import OP_KERNELS, prepare
-from .core import Op, register_operators
+from .core import Op, TensorNode, register_operators
 
 
 # -- helpers shared by the ops
@@ -441,5 +441,126 @@ class CrossEntropy(Op):
         return OP_KERNELS['CrossEntropy'].backward(context['probs'], context['targets'], float(go) * context['scale'])
 
 
+# -- indexing, reductions and elementwise maths that TensorNode's methods and operators reach
+def index_key(key):
+    """An index with any TensorNode in it replaced by its array (nodes as indices carry no gradient)."""
+    if isinstance(key, tuple):
+        return tuple(k.value if isinstance(k, TensorNode) else k for k in key)
+    return key.value if isinstance(key, TensorNode) else key
+
+
+def _is_basic(key):
+    """Whether numpy treats the index as basic (ints, slices, None, ...): each element picked at most once."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return all(k is None or k is Ellipsis or isinstance(k, (slice, int, np.integer)) and not isinstance(k, bool)
+               for k in parts)
+
+
+class Index(Op):
+    """x[key] with numpy's indexing (ints, slices, None, ..., integer or boolean arrays); backward scatters
+    the gradient back into zeros of x's shape, adding up where an index repeats."""
+    edits_goutputs = False
+    @staticmethod
+    def forward(context, x, *, key):
+        key = index_key(key)
+        context['shape'], context['key'] = x.shape, key
+        return np.asarray(x[key])
+
+    @staticmethod
+    def backward(context, go):
+        key = context['key']
+        g = np.zeros(context['shape'], dtype=go.dtype)
+        if _is_basic(key):
+            g[key] = go
+        else:
+            np.add.at(g, key, go)
+        return g
+
+
+def _keep_axes(go, shape, axis, keepdims):
+    """The gradient of a reduction over `axis` with the reduced axes put back (as size 1)."""
+    if axis is None:
+        return go.reshape((1,) * len(shape))
+    return go if keepdims else np.expand_dims(go, axis)
+
+
+class Mean(Op):
+    """The mean over all elements or over `axis` (an int or a tuple); backward spreads go / count back."""
+    edits_goutputs = False
+    @staticmethod
+    def forward(context, x, axis=None, keepdims=False):
+        y = np.asarray(x.mean(axis=axis, keepdims=keepdims))
+        context.update(shape=x.shape, axis=axis, keepdims=keepdims, count=x.size // max(y.size, 1) if x.size else 0)
+        return y
+
+    @staticmethod
+    def backward(context, go):
+        g = _keep_axes(go, context['shape'], context['axis'], context['keepdims'])
+        return np.broadcast_to(g / max(context['count'], 1), context['shape']).copy()
+
+
+class Max(Op):
+    """The maximum over all elements or over `axis`; backward splits the gradient evenly between the
+    elements that tie for the maximum (as torch.amax), NaNs counting as the maximum they produce."""
+    edits_goutputs = False
+    @staticmethod
+    def forward(context, x, axis=None, keepdims=False):
+        if x.size == 0:
+            raise ValueError(f'Max: the maximum of an empty array (shape {x.shape}) is undefined')
+        top = x.max(axis=axis, keepdims=True)
+        context.update(x=x, top=top, axis=axis, keepdims=keepdims)
+        if keepdims:
+            return top
+        return top.reshape(()) if axis is None else np.squeeze(top, axis=axis)
+
+    @staticmethod
+    def backward(context, go):
+        x, top = context['x'], context['top']
+        mask = (x == top) | (np.isnan(x) & np.isnan(top))
+        count = mask.sum(axis=context['axis'], keepdims=True)
+        g = _keep_axes(go, x.shape, context['axis'], context['keepdims'])
+        return np.where(mask, g / count, 0).astype(go.dtype, copy=False)
+
+
+class Abs(Op):
+    """|x|; the gradient at 0 is 0, as in PyTorch."""
+    edits_goutputs = False
+    @staticmethod
+    def forward(context, x):
+        context['x'] = x
+        return np.abs(x)
+
+    @staticmethod
+    def backward(context, go):
+        return go * np.sign(context['x'])
+
+
+class Power(Op):
+    """a ** b, elementwise (numpy broadcasting). d/da = b a^(b-1) (0 where b is 0); d/db = a^b log a
+    (0 where a is 0 and b >= 0, NaN for a negative base, as in PyTorch)."""
+    edits_goutputs = False
+    broadcasts = True
+    @staticmethod
+    def forward(context, a, b):
+        _check_broadcast('Power', a, b)
+        y = np.power(a, b)
+        context['a'], context['b'], context['y'] = a, b, y
+        return y
+
+    @staticmethod
+    def backward(context, go):
+        need_a, need_b = context['needs_input_grad']
+        a, b, y = context['a'], context['b'], context['y']
+        ga = gb = None
+        with np.errstate(divide='ignore', invalid='ignore'):
+            if need_a:
+                ga = go * np.where(b == 0, 0, b * np.power(a, b - 1))
+            if need_b:
+                gb = go * np.where((a == 0) & (b >= 0), 0, y * np.log(a))
+        return ga, gb
+
+
 register_operators(Add=Add, Subtract=Subtract, Multiply=Multiply, Divide=Divide, MatrixMultiply=MatrixMultiply,
-                   Sum=Sum, Transpose=Transpose, Reshape=Reshape)
+                   Sum=Sum, Transpose=Transpose, Reshape=Reshape, Index=Index, Mean=Mean, Max=Max, Abs=Abs,
+                   Power=Power, Exp=Exp, Log=Log, Sigmoid=Sigmoid, ReLU=ReLU, Tanh=Tanh, Softmax=Softmax,
+                   LogSoftmax=LogSoftmax)

@@ -96,3 +96,58 @@ def test_softmax_family_is_stable_for_huge_logits():
     assert loss.value == pytest.approx(2e4 + np.log(3))
     loss.backward()
     assert np.isfinite(x.grad).all()
+
+
+@given(n=dims, m=dims, seed=st.integers(0, 1000))
+def test_indexing_reductions_and_powers(n, m, seed):
+    """The ops behind TensorNode's indexing, mean, max, abs and ** (issue 14)."""
+    a, b = arrays(seed, (n, m), (n, m))
+    (p,) = arrays(seed + 1, (n, m), positive=True)
+    rng = np.random.default_rng(seed)
+    rows, cols = rng.integers(0, n, n + 2), rng.integers(0, m, n + 2)  # repeated: their gradients add up
+    assert gradcheck(lambda x: x[0], a)
+    assert gradcheck(lambda x: x[:, 1:] if m > 1 else x[:, :1], a)
+    assert gradcheck(lambda x: x[rows], a)
+    assert gradcheck(lambda x: x[rows, cols], a)
+    assert gradcheck(lambda x: x[a > 0], a)
+    assert gradcheck(lambda x: x[None, ..., -1], a)
+    assert gradcheck(lambda x: x.mean(), a)
+    assert gradcheck(lambda x: x.mean(axis=0), a)
+    assert gradcheck(lambda x: x.mean(axis=(0, 1), keepdims=True), a)
+    assert gradcheck(lambda x: x.max(), a)
+    assert gradcheck(lambda x: x.max(axis=1), a)
+    assert gradcheck(lambda x: x.max(axis=0, keepdims=True), a)
+    away = a + np.sign(a) * 0.01  # keep |x|'s kink away from the finite-difference step
+    assert gradcheck(lambda x: abs(x), away)
+    assert gradcheck(lambda x: x ** 2, a)
+    assert gradcheck(lambda x: x ** 3.5, p)
+    assert gradcheck(lambda x, y: x ** y, p, b)
+    assert gradcheck(lambda y: 2.0 ** y, b)
+    assert gradcheck(lambda x: x ** -1, p)
+
+
+def test_method_forms_of_the_elementwise_and_softmax_ops():
+    (a,) = arrays(5, (3, 4))
+    (p,) = arrays(6, (3, 4), positive=True)
+    for method in ('exp', 'sigmoid', 'tanh', 'softmax', 'log_softmax'):
+        assert gradcheck(lambda x: getattr(x, method)(), a), method
+    assert gradcheck(lambda x: (a + np.sign(a) * 0.01 + x * 0).relu(), a)
+    assert gradcheck(lambda x: x.log(), p)
+    assert gradcheck(lambda x: x.softmax(axis=0), a)
+    assert gradcheck(lambda x: x.log_softmax(0), a)
+    (c,) = arrays(7, (2, 3, 4))
+    assert gradcheck(lambda x: x.softmax(1), c)
+    assert gradcheck(lambda x: fg.softmax(x, axis=0), c)
+    assert gradcheck(lambda x: fg.logsoftmax(x, axis=-2), c)
+
+
+def test_max_splits_the_gradient_between_ties_as_torch_amax():
+    x = fg.TensorNode(np.array([[1.0, 3.0, 3.0], [2.0, 0.0, -1.0]]))
+    x.max(axis=1).sum().backward()
+    np.testing.assert_array_equal(x.grad, [[0, 0.5, 0.5], [1, 0, 0]])
+
+
+def test_repeated_indices_accumulate():
+    x = fg.TensorNode(np.arange(4.0))
+    x[np.array([0, 0, 3, 0])].sum().backward()
+    np.testing.assert_array_equal(x.grad, [3, 0, 0, 1])
