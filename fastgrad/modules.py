@@ -41,6 +41,40 @@ class Module:
     def parameters(self):
         return [node for _, node in self.named_parameters()]
 
+    def num_parameters(self):
+        """How many numbers the parameters hold (torch: sum(p.numel() for p in model.parameters()))."""
+        return sum(node.value.size for node in self.parameters())
+
+    def extra_repr(self):
+        """The settings repr shows in this module's first line (torch.nn.Module.extra_repr); a module that
+        describes its parameters here (Linear) does not get a line per parameter."""
+        return ''
+
+    def __repr__(self):
+        """As torch.nn.Module's: the module and its settings, then one indented line per sub-module (and, in
+        a module without its own extra_repr, per parameter), named as state_dict names them (layers.0, ...)."""
+        own = type(self).extra_repr is Module.extra_repr
+        lines = []
+
+        def visit(name, obj):
+            if isinstance(obj, Module):
+                lines.append(f'({name}): ' + repr(obj).replace('\n', '\n  '))
+            elif isinstance(obj, TensorNode):
+                if own and obj.requires_grad:
+                    lines.append(f'({name}): parameter, shape {obj.shape}, {obj.dtype}')
+            elif isinstance(obj, (list, tuple)):
+                for i, item in enumerate(obj):
+                    visit(f'{name}.{i}', item)
+            elif callable(obj) and name.split('.')[0] == 'modules':  # Sequential's functions
+                lines.append(f'({name}): {getattr(obj, "__name__", repr(obj))}')
+
+        for key, value in vars(self).items():
+            visit(key, value)
+        extra = self.extra_repr()
+        if not lines:
+            return f'{type(self).__name__}({extra})'
+        return f'{type(self).__name__}(\n' + ''.join(f'  {line}\n' for line in ([extra] if extra else []) + lines) + ')'
+
     def state_dict(self):
         return {name: node.value.copy() for name, node in self.named_parameters()}
 
@@ -137,6 +171,9 @@ class Linear(Module):
     def forward(self, x, activation=None):
         return LinearOp.do_forward(x, self.w, self.b, activation=activation)
 
+    def extra_repr(self):
+        return f'in_features={self.w.shape[1]}, out_features={self.w.shape[0]}, dtype={self.w.dtype}'
+
 
 ACTIVATIONS = ('sigmoid', 'relu', 'tanh')
 DTYPES = ('float32', 'float64')  # what the kernels compute in (float16 has no kernels)
@@ -192,6 +229,9 @@ class MLP(Module):
         for layer in self.layers[:-1]:
             x = layer(x, activation=self.activation)
         return self.layers[-1](x)
+
+    def extra_repr(self):
+        return f'activation={self.activation!r}'
 
 
 class Sequential(Module):
