@@ -191,7 +191,8 @@ def act_bias_grad(y, g, code):
                 gz[i, j] = v
                 gb[j] += v
     gb_out = np.empty_like(g[0])
-    gb_out[:] = gb
+    for j in range(m):  # not gb_out[:] = gb: its shape check compiles numba's string formatting (2 s cold)
+        gb_out[j] = gb[j]
     return gz, gb_out
 
 
