@@ -19,6 +19,7 @@ from .functions import cross_entropy
 from .conv import LeNet, warm as warm_conv
 from .modules import MLP
 from .optim import SGD, Adam, CosineAnnealingLR, StepLR
+from .warmup import announce_compiles, warmup
 
 CHECKPOINT_FILE = 'checkpoint.npz'
 RESUMABLE_CHANGES = ('epochs', 'eager')  # settings a run may change when it resumes
@@ -118,6 +119,15 @@ def training_step(model, optimizer):
     return step
 
 
+def will_be_sparse(x, config):
+    """Whether the first layer will take the sparse-input kernels (by the first batch; see ops.Linear)."""
+    from . import backend, kernels
+    if config.model != 'mlp':  # LeNet's first layer is a convolution
+        return False
+    first = np.ascontiguousarray(x[:config.batch_size], dtype=config.dtype)
+    return backend.sparse_allowed() and kernels.sparse_enough(first)
+
+
 def accuracy(model, x, y, batch_size=2000):
     """Fraction of rows whose largest logit is the label (in batches, without a graph)."""
     correct = 0
@@ -211,6 +221,7 @@ def load_checkpoint(folder, config, model, optimizer, rng):
     return meta['history']
 
 
+@announce_compiles  # on a cold numba cache, says on stderr that it compiles (first run only)
 def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, data=None, should_stop=None):
     """Trains config's model; calls on_epoch(record, history) after every epoch and returns a summary dict.
 
@@ -230,8 +241,11 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
     # fastgrad.compile has no compiled form of the conv ops yet: LeNet's steps run eagerly
     compiled = None if config.eager or config.model != 'mlp' else compile(step)
     batches = -(-len(xtrain) // config.batch_size)
+    # compiles (or loads) the kernels this run uses before any epoch is timed
+    warmup(config.dtype, progress=progress, training='sparse' if will_be_sparse(xtrain, config) else 'dense')
     for epoch in range(len(history), config.epochs):
         start = time.perf_counter()
+        compiling = 0.0 if compiled is None else compiled.compile_seconds
         lr = optimizer.lr
         bar = None
         if progress:
@@ -254,7 +268,8 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
                 raise KeyboardInterrupt
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - start
+        # tracing and compiling the step (epoch 0, or a new batch shape) is not training time
+        seconds = time.perf_counter() - start - (0.0 if compiled is None else compiled.compile_seconds - compiling)
         record = {'epoch': epoch, 'val_accuracy': accuracy(model, xval, yval), 'train_loss': running, 'lr': lr,
                   'seconds': seconds, 'samples_per_second': len(xtrain) / seconds}
         history.append(record)
