@@ -9,9 +9,9 @@ import sys
 from . import __version__
 from .files import atomic_open, check_output_file, check_output_folder, folder_lock, remove_stale_temporaries
 from .experiments import add_experiment_commands
-from .options import add_training_options, config_from, positive
+from .options import add_training_options, config_from, positive, show_defaults
 from .plots import plot_curves, plot_format
-from .train import TrainingDiverged, train
+from .train import CHECKPOINT_FILE, TrainingDiverged, train
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,6 +45,7 @@ def build_parser():
     p.set_defaults(run=run_train)
 
     add_experiment_commands(commands)
+    show_defaults(parser)
     return parser
 
 
@@ -83,7 +84,11 @@ def run_train(parser, args):
 
 
 def _run_train(args, config):
+    if args.resume and not os.path.exists(os.path.join(args.checkpoint, CHECKPOINT_FILE)):
+        print(f'no checkpoint in {args.checkpoint} yet: starting from epoch 0', file=sys.stderr, flush=True)
+
     def on_epoch(record, history):
+        _stop['saved_epoch'] = record['epoch'] if args.checkpoint else None
         print_epoch(record)
         if args.log:
             write_json_lines(args.log, history)
@@ -96,7 +101,11 @@ def _run_train(args, config):
     if args.log:
         write_json_lines(args.log, summary['history'])
     print(f'\nbest accuracy {summary["best_accuracy"]:.4f}, final accuracy {summary["final_accuracy"]:.4f}, '
-          f'{summary["seconds"]:.1f} s training, {summary["samples_per_second"]:,.0f} samples/s')
+          f'{summary["seconds"]:.3g} s training, {summary["samples_per_second"]:,.0f} samples/s')
+    for what, path in (('log', args.log), ('plot', args.plot if summary['history'] else None),
+                       ('checkpoint', args.checkpoint and os.path.join(args.checkpoint, CHECKPOINT_FILE))):
+        if path:
+            print(f'{what:>10}: {os.path.abspath(path)}')
     return 0
 
 
@@ -113,6 +122,18 @@ def _request_stop(signum, frame):
 
 def stop_requested():
     return _stop['requested']
+
+
+def resume_hint(folder):
+    """What an interrupted run left to resume from, for the line after 'interrupted'."""
+    if not folder:
+        return ''
+    if not os.path.exists(os.path.join(folder, CHECKPOINT_FILE)):
+        return ('; no epoch was saved (a checkpoint is written at the end of each epoch), so there is nothing '
+                'to resume: run again from the start')
+    saved = _stop.get('saved_epoch')
+    what = f'holds epochs 0-{saved}' if saved is not None else 'holds the epochs saved before this run'
+    return f'; {folder} {what}: resume with --resume --checkpoint {folder} (and the same other options)'
 
 
 # the user's path or file is at fault (exit 2, as for bad arguments); others (a full disk) are exit 1
@@ -132,13 +153,12 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
-    _stop['requested'] = False
+    _stop['requested'], _stop['saved_epoch'] = False, None
     previous = {sig: signal.signal(sig, _request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.run(parser, args)
     except KeyboardInterrupt:
-        where = f'; resume with --resume --checkpoint {args.checkpoint}' if getattr(args, 'checkpoint', None) else ''
-        print(f'\ninterrupted{where}', file=sys.stderr)
+        print(f'\ninterrupted{resume_hint(getattr(args, "checkpoint", None))}', file=sys.stderr)
         return 130
     except TrainingDiverged as e:
         print(f'fastgrad: {e}', file=sys.stderr)

@@ -83,3 +83,16 @@ def positive(parser, args, *names):
     for name in names:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f'--{name.replace("_", "-")} must be positive')
+
+
+def show_defaults(parser):
+    """Adds '(default: ...)' to the help of every option of parser and its sub-commands that has a default
+    worth showing and does not describe it already (argparse's ArgumentDefaultsHelpFormatter skips options
+    without a help text and shows False for flags)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                show_defaults(sub)
+        elif (action.option_strings and not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+              and 'default' not in (action.help or '') and action.help != argparse.SUPPRESS):
+            action.help = f'{action.help} (default: %(default)s)' if action.help else 'default: %(default)s'
