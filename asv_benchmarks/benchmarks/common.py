@@ -21,26 +21,40 @@ def synth_train():
 
 
 class Trainer:
-    """An MLP, its SGD optimizer (momentum 0.9, lr 0.01) and a fixed batch order, warmed up once."""
+    """An MLP, its SGD optimizer (momentum 0.9, lr 0.01) and a fixed batch order, warmed up once; eager
+    (op by op) or compiled (fastgrad.compile, a whole epoch per call)."""
 
-    def __init__(self, x, y, hidden, batch_size, activation):
+    def __init__(self, x, y, hidden, batch_size, activation, compiled=False):
         self.x, self.y, self.batch_size = x, y, batch_size
-        self.model = fg.MLP(x.shape[1], int(y.max()) + 1, hidden=hidden, activation=activation, rng=SEED)
-        self.optimizer = fg.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        model = fg.MLP(x.shape[1], int(y.max()) + 1, hidden=hidden, activation=activation, rng=SEED)
+        optimizer = fg.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(xb, yb):
+            optimizer.zero_grad()
+            loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        self.step = step
+        self.compiled = fg.compile(step) if compiled else None
         self.order = np.random.default_rng(SEED).permutation(len(x))
         fg.warmup(np.float32)
+        if compiled:  # trace and compile both batch shapes (full and last) before timing
+            self.epoch()
+            self.epoch()
         for start in range(0, 5 * batch_size, batch_size):  # compile and fault in buffers before timing
-            self.step(self.order[start:start + batch_size])
-
-    def step(self, idx):
-        self.optimizer.zero_grad()
-        loss = fg.cross_entropy(self.model(fg.TensorNode(self.x[idx], requires_grad=False)), self.y[idx])
-        loss.backward()
-        self.optimizer.step()
+            idx = self.order[start:start + batch_size]
+            self.step(self.x[idx], self.y[idx])
 
     def epoch(self, images=None):
-        for start in range(0, images or len(self.x), self.batch_size):
-            self.step(self.order[start:start + self.batch_size])
+        order = self.order[:images or len(self.x)]
+        if self.compiled is not None:
+            self.compiled.run(self.x, self.y, self.batch_size, order)
+            return
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            self.step(self.x[idx], self.y[idx])
 
     def rate(self, images):
         """Training images per second over the first `images` of the epoch."""

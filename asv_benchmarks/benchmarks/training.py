@@ -1,4 +1,5 @@
-"""Training throughput: one epoch of the MNIST MLP and of the synth task, as time, images/s and peak memory."""
+"""Training throughput: one epoch of the MNIST MLP and of the synth task, as time, images/s and peak memory,
+eager (op by op) and compiled (fastgrad.compile, one call per epoch)."""
 from .common import BATCH_SIZES, Trainer, mnist_train, synth_train
 
 
@@ -52,3 +53,23 @@ class SynthEpoch:
 
     def peakmem_epoch(self, batch_size, activation):
         self.trainer.epoch()
+
+
+class CompiledEpoch:
+    """The same epochs through fastgrad.compile(step).run: MNIST 784-300-10 and synth 2-8-2, relu."""
+    params = (['mnist', 'synth'], BATCH_SIZES)
+    param_names = ['data', 'batch_size']
+    number = 1
+    repeat = (3, 10, 30.0)
+    timeout = 300
+
+    def setup(self, data, batch_size):
+        x, y = mnist_train() if data == 'mnist' else synth_train()
+        self.trainer = Trainer(x, y, [300] if data == 'mnist' else [8], batch_size, 'relu', compiled=True)
+
+    def time_epoch(self, data, batch_size):
+        self.trainer.epoch()
+
+    def track_samples_per_second(self, data, batch_size):
+        return self.trainer.rate(len(self.trainer.x))
+    track_samples_per_second.unit = 'samples/s'
