@@ -63,16 +63,9 @@ def workload_data(name, seed=0):
 # ('epoch', fn(x, y, order, batch)).
 def fastgrad_step(sizes, lr, momentum):
     import fastgrad as fg
+    from fastgrad.train import training_step
     model = fg.MLP(sizes[0], sizes[-1], hidden=sizes[1:-1], activation='relu', rng=0)
-    opt = fg.SGD(model.parameters(), lr=lr, momentum=momentum)
-
-    def step(xb, yb):
-        opt.zero_grad()
-        loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
-        loss.backward()
-        opt.step()
-        return loss
-    return step
+    return training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=momentum))
 
 
 def fastgrad_eager_trainer(sizes, lr, momentum):

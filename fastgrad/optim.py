@@ -368,6 +368,12 @@ class Adam(Optimizer):
 
 
 # -- learning-rate schedules
+def _positive_int(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f'{owner}: {name} must be a positive integer, not {value!r}')
+    return int(value)
+
+
 class LRScheduler:
     """Sets each group's lr from its initial lr and the epoch, as torch.optim.lr_scheduler does: make it
     after the optimizer (that sets the lr of epoch 0) and call step() once at the end of every epoch."""
@@ -403,9 +409,7 @@ class StepLR(LRScheduler):
     """torch's StepLR: lr = initial lr * gamma ** (epoch // step_size)."""
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
-        if not isinstance(step_size, (int, np.integer)) or step_size < 1:
-            raise ValueError(f'StepLR: step_size must be a positive integer, not {step_size!r}')
-        self.step_size, self.gamma = int(step_size), gamma
+        self.step_size, self.gamma = _positive_int('StepLR', 'step_size', step_size), gamma
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, base_lr, epoch):
@@ -416,9 +420,7 @@ class CosineAnnealingLR(LRScheduler):
     """torch's CosineAnnealingLR: lr = eta_min + (initial lr - eta_min) (1 + cos(pi epoch / T_max)) / 2."""
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
-        if not isinstance(T_max, (int, np.integer)) or T_max < 1:
-            raise ValueError(f'CosineAnnealingLR: T_max must be a positive integer, not {T_max!r}')
-        self.T_max, self.eta_min = int(T_max), eta_min
+        self.T_max, self.eta_min = _positive_int('CosineAnnealingLR', 'T_max', T_max), eta_min
         super().__init__(optimizer, last_epoch)
 
     def lr_at(self, base_lr, epoch):

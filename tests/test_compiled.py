@@ -280,15 +280,9 @@ def test_vugrad_style_graph_compiles():
 
 SECOND_PROCESS = """
 import numpy as np, fastgrad as fg
+from fastgrad.train import training_step
 model = fg.MLP(2, 2, hidden=8, rng=0)
-opt = fg.SGD(model.parameters(), lr=0.1, momentum=0.9)
-def step(xb, yb):
-    opt.zero_grad()
-    loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
-    loss.backward()
-    opt.step()
-    return loss
-step = fg.compile(step)
+step = fg.compile(training_step(model, fg.SGD(model.parameters(), lr=0.1, momentum=0.9)))
 x = np.random.default_rng(0).standard_normal((256, 2)).astype(np.float32)
 y = (x[:, 0] > 0).astype(np.int64)
 losses = step.run(x, y, 64)

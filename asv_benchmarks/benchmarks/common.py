@@ -4,6 +4,7 @@ import time
 import numpy as np
 
 import fastgrad as fg
+from fastgrad.train import training_step
 
 SEED = 0
 BATCH_SIZES = [32, 128, 512]
@@ -27,16 +28,7 @@ class Trainer:
     def __init__(self, x, y, hidden, batch_size, activation, compiled=False):
         self.x, self.y, self.batch_size = x, y, batch_size
         model = fg.MLP(x.shape[1], int(y.max()) + 1, hidden=hidden, activation=activation, rng=SEED)
-        optimizer = fg.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def step(xb, yb):
-            optimizer.zero_grad()
-            loss = fg.cross_entropy(model(fg.TensorNode(xb, requires_grad=False)), yb)
-            loss.backward()
-            optimizer.step()
-            return loss
-
-        self.step = step
+        self.step = step = training_step(model, fg.SGD(model.parameters(), lr=0.01, momentum=0.9))
         self.compiled = fg.compile(step) if compiled else None
         self.order = np.random.default_rng(SEED).permutation(len(x))
         fg.warmup(np.float32)
