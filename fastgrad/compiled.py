@@ -43,7 +43,7 @@ from .optim import SGD, Adam
 __all__ = ['compile', 'CompiledStep']
 
 # status codes the generated function returns first
-OK, BAD_TARGET, BAD_SHAPE = 0, 1, 2
+OK, BAD_TARGET = 0, 1
 
 
 class Recorder:
@@ -102,8 +102,7 @@ class Var:
 class Generator:
     """Writes the generated function's body from a Recorder's events."""
 
-    def __init__(self, name, args, recorder):
-        self.name = name
+    def __init__(self, args, recorder):
         self.lines = []
         self.counter = 0
         self.vars = {}            # id(node) -> Var
@@ -116,6 +115,7 @@ class Generator:
         self.state_args = []      # (optimizer, param, state name) passed in as flat buffers
         self.state_index = {}     # (id(optimizer), id(param), name) -> position in state_args
         self.grads = {}           # id(param) -> Var of its gradient so far (None: zero)
+        self.saved = {}           # id(op output) -> what its op's backward needs from the forward
         self.recorder = recorder
         self.sparse_layers = 0
 
@@ -242,7 +242,6 @@ class Generator:
         var, saved = emitter.forward(self, ins, constants, context, out.value)
         self.vars[id(out)] = var
         self.nodes[id(out)] = out
-        self.saved = getattr(self, 'saved', {})
         self.saved[id(out)] = (cls, inputs, constants, context, ins, var, saved)
 
     def backward_from(self, root):
@@ -305,12 +304,12 @@ class Generator:
                 g = self.new(f'np.ascontiguousarray({expr}).reshape({shape})', shape, g.dtype)
         want = _grad_dtype(np.empty(0, like.dtype))
         if g.dtype != want:
-            expr = f'{_dtype_name(want)}({g.name})' if g.scalar else f'{gen_storage_astype(g, want)}'
+            expr = f'{_dtype_name(want)}({g.name})' if g.scalar else f'{g.name}.astype({_dtype_name(want)})'
             g = self.new(expr, shape, want)
         return g
 
     def optimizer_step(self, optimizer):
-        if not isinstance(optimizer, (SGD, Adam)) or type(optimizer) not in (SGD, Adam):
+        if type(optimizer) not in (SGD, Adam):
             raise TraceError(f'fastgrad.compile: the optimizer {type(optimizer).__name__} has no compiled form '
                              f'(SGD and Adam have)')
         if optimizer not in self.optimizers:
@@ -352,7 +351,7 @@ class Generator:
 
     def state_arg(self, optimizer, p, name):
         """The name of the argument that passes optimizer.state[p][name] (Adam's step count comes with its
-        moments). Keyed by identity: nodes compare elementwise, as numpy arrays do."""
+        moments). Keyed by identity."""
         key = (id(optimizer), id(p), name)
         if key not in self.state_index:
             self.state_index[key] = len(self.state_args)
@@ -372,10 +371,6 @@ class Generator:
     def flat_grad(self, g, pvar):
         """g as a flat C-contiguous array in the memory order of pvar's storage."""
         return f'{self.stored_grad(g, pvar)}.reshape(-1)'
-
-
-def gen_storage_astype(g, dtype):
-    return f'{g.name}.astype({_dtype_name(dtype)})'
 
 
 def _grad_dtype(value):
@@ -899,7 +894,7 @@ class CompiledStep:
                 raise TraceError(f'fastgrad.compile: the step must return a TensorNode or a tuple of them, not '
                                  f'{type(node).__name__}')
         _check_untraced_updates(recorder)
-        gen = Generator('step', args, recorder)
+        gen = Generator(args, recorder)
         results = gen.run(nodes)
         with_grad = [p for p in gen.params if gen.grads.get(id(p)) is not None]
         gen.params = with_grad + [p for p in gen.params if gen.grads.get(id(p)) is None]
