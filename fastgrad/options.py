@@ -3,7 +3,7 @@ they make."""
 import argparse
 import math
 
-from .train import DEFAULT_LR, MODELS, TrainConfig
+from .train import MODEL_DEFAULTS, MODELS, TrainConfig
 
 
 # argument types: argparse names the option as the user can type it ("argument -l/--learning-rate: ...")
@@ -42,23 +42,27 @@ def _parse(kind, text, says):
         raise argparse.ArgumentTypeError(f'must be {says}, not {text!r}') from None
 
 
+def _per_model(setting):
+    return '(default: ' + ', '.join(f'{d[setting]:g} for --model {m}' if isinstance(d[setting], float) else
+                                    f'{d[setting]} for --model {m}' for m, d in MODEL_DEFAULTS.items()) + ')'
+
+
 def add_training_options(parser, grid=False):
     """The options every training command shares (vugrad's names where vugrad had them); a grid (the
     sweep) takes its own lists of learning rates, momenta and epochs."""
     parser.add_argument('-D', '--dataset', choices=['synth', 'mnist'], default='synth')
     parser.add_argument('--model', choices=list(MODELS), default='mlp',
                         help='mlp (default), or lenet: LeNet-5 on 28x28 images (-D mnist); runs eagerly')
-    parser.add_argument('-b', '--batch-size', type=positive_int, default=128)
+    parser.add_argument('-b', '--batch-size', type=positive_int, default=None, help=_per_model('batch_size'))
     if not grid:
         parser.add_argument('-e', '--epochs', type=positive_int, default=20)
         parser.add_argument('-l', '--learning-rate', dest='lr', type=positive_float, default=None,
-                            help='the learning rate (default: ' + ', '.join(f'{lr:g} for --model {m}' for m, lr
-                                                                             in DEFAULT_LR.items()) + ')')
+                            help='the learning rate ' + _per_model('lr'))
         parser.add_argument('--momentum', type=momentum, default=0.9, help='SGD momentum (default 0.9)')
     parser.add_argument('--optimizer', choices=['sgd', 'adam'], default='sgd')
-    parser.add_argument('--schedule', choices=['constant', 'step', 'cosine'], default='constant',
+    parser.add_argument('--schedule', choices=['constant', 'step', 'cosine'], default=None,
                         help='learning rate per epoch: constant, step (x --gamma every --step-size epochs) or '
-                             'cosine (from the learning rate down to 0 over the epochs)')
+                             'cosine (from the learning rate down to 0 over the epochs) ' + _per_model('schedule'))
     parser.add_argument('--step-size', type=positive_int, metavar='N', help='epochs between two decays of --schedule step '
                         '(default: a third of the epochs)')
     parser.add_argument('--gamma', type=positive_float, default=0.1, help='the decay factor of --schedule step (default 0.1)')

@@ -246,6 +246,18 @@ def test_lenet_is_a_sequential_too(rng):
         np.testing.assert_allclose(p.grad, q.grad, atol=1e-12)
 
 
+def test_torch_init_is_uniform_within_one_over_root_fan_in():
+    model = fg.LeNet(rng=0)
+    for layer, fan_in in ((model.conv1, 25), (model.conv2, 150), (model.fc1, 400), (model.fc2, 120), (model.fc3, 84)):
+        for p in (layer.w.value, layer.b.value):
+            assert np.abs(p).max() <= 1 / np.sqrt(fan_in) and np.abs(p).max() > 0.8 / np.sqrt(fan_in)
+    assert model.fc1.w.value.flags.f_contiguous  # Linear's layout is kept
+    he = fg.LeNet(rng=0, init='he')
+    assert not he.conv1.b.value.any() and he.conv1.w.value.std() > 0.2
+    with pytest.raises(ValueError, match='init'):
+        fg.LeNet(init='glorot')
+
+
 def test_lenet_state_dict_round_trip(tmp_path):
     a, b = fg.LeNet(rng=0), fg.LeNet(rng=1)
     a.save(tmp_path / 'lenet.npz')
@@ -272,8 +284,11 @@ def tiny_images(n_train=96, n_val=32, seed=0):
 
 
 def test_train_lenet_runs_eagerly_and_learns():
-    config = TrainConfig(dataset='mnist', model='lenet', epochs=3, batch_size=16)
-    assert config.lr == 0.05 and TrainConfig().lr == 0.01  # each model's default learning rate
+    config = TrainConfig(dataset='mnist', model='lenet', epochs=3, batch_size=8)
+    # each model's defaults for what is left at None
+    assert (config.lr, config.schedule) == (0.05, 'cosine') and config.batch_size == 8
+    assert (TrainConfig(model='lenet').batch_size, TrainConfig().batch_size) == (64, 128)
+    assert (TrainConfig().lr, TrainConfig().schedule) == (0.01, 'constant')
     summary = train(config, data=tiny_images())
     assert isinstance(summary['model'], fg.LeNet)
     assert summary['final_accuracy'] == 1.0
