@@ -1,0 +1,91 @@
+"""Convolutional training: one epoch of LeNet-5 on MNIST (eager, op by op: fastgrad.compile has no conv ops
+yet), and LeNet's two convolutions and its first max-pool alone, at batch 128."""
+import numpy as np
+
+import fastgrad as fg
+from fastgrad import conv, kernels
+from fastgrad.train import training_step
+
+from .common import SEED, Trainer
+
+
+class LeNetTrainer(Trainer):
+    """LeNet-5, SGD momentum 0.9 at LeNet's default learning rate (0.05), a fixed batch order, warmed up once;
+    eager (fastgrad.compile has no conv ops yet)."""
+
+    def __init__(self, x, y, batch_size):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        model = fg.LeNet(rng=SEED)
+        self.step = training_step(model, fg.SGD(model.parameters(), lr=0.05, momentum=0.9))
+        self.compiled = None
+        self.order = np.random.default_rng(SEED).permutation(len(x))
+        fg.warmup(np.float32)
+        conv.warm(np.float32)
+        for start in range(0, 5 * batch_size, batch_size):  # compile and fault in buffers before timing
+            idx = self.order[start:start + batch_size]
+            self.step(self.x[idx], self.y[idx])
+
+
+def mnist_images():
+    """The 50,000 MNIST training images as (N, 1, 28, 28)."""
+    (x, y), _, _ = fg.load_mnist(flatten=False)
+    return x, y
+
+
+class LeNetEpoch:
+    """LeNet-5 (conv 6@5x5 pad 2, pool, conv 16@5x5, pool, 400-120-84-10, relu) on the 50,000 training images."""
+    params = ([128],)
+    param_names = ['batch_size']
+    number = 1
+    repeat = (1, 3, 120.0)
+    timeout = 900
+
+    def setup(self, batch_size):
+        self.trainer = LeNetTrainer(*mnist_images(), batch_size)
+
+    def time_epoch(self, batch_size):
+        self.trainer.epoch()
+
+    def track_images_per_second(self, batch_size):
+        """The same rate as time_epoch, measured over the first fifth of the epoch to keep the suite short."""
+        return self.trainer.rate(len(self.trainer.x) // 5)
+    track_images_per_second.unit = 'images/s'
+
+    def peakmem_epoch(self, batch_size):
+        self.trainer.rate(len(self.trainer.x) // 5)
+
+
+class LeNetLayers:
+    """LeNet's layers one at a time, forward and backward (the kernels fastgrad's ops call, with their scratch)."""
+    params = (['conv1', 'conv2'],)
+    param_names = ['layer']
+
+    def setup(self, layer):
+        rng = np.random.default_rng(SEED)
+        shape, wshape, self.padding = {'conv1': ((128, 1, 28, 28), (6, 1, 5, 5), 2),
+                                       'conv2': ((128, 6, 14, 14), (16, 6, 5, 5), 0)}[layer]
+        self.x = fg.TensorNode(rng.random(shape, dtype=np.float32), requires_grad=layer != 'conv1')
+        self.w = fg.TensorNode(rng.standard_normal(wshape).astype(np.float32) * 0.1)
+        self.b = fg.TensorNode(np.zeros(wshape[0], np.float32))
+        self.y = fg.conv2d(self.x, self.w, self.b, 1, self.padding, 'relu')
+        self.g = rng.standard_normal(self.y.shape).astype(np.float32)
+        self.pool_x = fg.TensorNode(np.ascontiguousarray(self.y.value), requires_grad=False)
+        self.where = kernels.maxpool2d_forward(self.pool_x.value, 2, 2, 2, 2)[1]
+        self.pool_g = rng.standard_normal(self.where.shape).astype(np.float32)
+        self.time_forward(layer)
+        self.time_backward(layer)
+        self.time_max_pool_forward(layer)
+        self.time_max_pool_backward(layer)
+
+    def time_forward(self, layer):
+        fg.conv2d(self.x, self.w, self.b, 1, self.padding, 'relu')
+
+    def time_backward(self, layer):
+        """Weight and bias gradients; conv2's input gradient too (conv1's input is the data)."""
+        self.y.source.op.backward(self.y.source.context, self.g)
+
+    def time_max_pool_forward(self, layer):
+        kernels.maxpool2d_forward(self.pool_x.value, 2, 2, 2, 2)
+
+    def time_max_pool_backward(self, layer):
+        kernels.maxpool2d_backward(self.where, self.pool_g, *self.pool_x.shape[2:])
