@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from . import kernels
+from .kernels.optim import update_parallel, update_serial
 
 
 class OpKernels(NamedTuple):
@@ -54,11 +55,12 @@ def prepare(*arrays, dtype=None):
     """The arrays C-contiguous in one floating dtype (`dtype`, or the arrays' common one: float32 with
     float32 stays float32, integers compute in float64); copies only what must change. One array in,
     one array out."""
+    if len(arrays) == 1:  # the common case, kept short: ops call this several times a step
+        a = arrays[0]
+        return np.ascontiguousarray(a, dtype=(a.dtype if a.dtype.kind == 'f' else _FLOAT64) if dtype is None else dtype)
     if dtype is None:
-        dtype = floating(arrays[0].dtype) if len(arrays) == 1 else np.result_type(*(floating(a.dtype) for a in arrays))
-    if len(arrays) == 1:
-        return np.ascontiguousarray(arrays[0], dtype=dtype)
-    return tuple(np.ascontiguousarray(a, dtype=dtype) for a in arrays)
+        dtype = np.result_type(*[floating(a.dtype) for a in arrays])
+    return tuple([np.ascontiguousarray(a, dtype=dtype) for a in arrays])
 
 
 # -- the thread policy
@@ -123,8 +125,12 @@ def update_parts(size):
 
 
 def update(rule, p, g, s1, s2, scalars):
-    """One optimizer update in place (kernels.update): on numba's threads when they own the cores and p is big."""
-    kernels.update(rule, p, g, s1, s2, scalars, update_parts(p.shape[0]))
+    """One optimizer update in place (kernels.update; scalars: an array of six numbers of p's dtype): on
+    numba's threads when they own the cores and p is big."""
+    if p.shape[0] < PARALLEL_MIN_SIZE or _policy['owner'] != 'numba':
+        update_serial(rule, p, g, s1, s2, scalars)
+    else:
+        update_parallel(rule, p, g, s1, s2, scalars, numba.get_num_threads())
 
 
 def threads():

@@ -332,22 +332,22 @@ class Generator:
                     else:
                         buf = f'{flat_p}[:0]'
                     call = (f'{{}}(np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]}), '
-                            f'{flat_p}, {flat_g}, {buf}, {flat_p}[:0], {dtype}({h}[0]), {dtype}({h}[1]), '
-                            f'{dtype}({h}[2]), {dtype}(0), {dtype}(0), {dtype}(0){{}})')
+                            f'{flat_p}, {flat_g}, {buf}, {flat_p}[:0], np.array(({dtype}({h}[0]), {dtype}({h}[1]), '
+                            f'{dtype}({h}[2]), {dtype}(0), {dtype}(0), {dtype}(0))){{}})')
                 else:
                     m, v = self.state_arg(optimizer, p, 'exp_avg'), self.state_arg(optimizer, p, 'exp_avg_sq')
                     k = self.state_index[id(optimizer), id(p), 'step']
                     self.emit(f'S{k}[0] += 1')
                     call = (f'{{}}(np.int64({kernels.RULES["adam"]}), {flat_p}, {flat_g}, {m}, {v}, '
-                            f'{dtype}({h}[0] / (1 - {h}[1] ** S{k}[0])), {dtype}({h}[1]), {dtype}({h}[2]), '
-                            f'{dtype}({h}[3]), {dtype}({h}[4]), {dtype}(1 / np.sqrt(1 - {h}[2] ** S{k}[0])){{}})')
+                            f'np.array(({dtype}({h}[0] / (1 - {h}[1] ** S{k}[0])), {dtype}({h}[1]), {dtype}({h}[2]), '
+                            f'{dtype}({h}[3]), {dtype}({h}[4]), {dtype}(1 / np.sqrt(1 - {h}[2] ** S{k}[0])))){{}})')
                 if size >= backend.PARALLEL_MIN_SIZE:
                     self.emit('if update_parts > 1:')
-                    self.emit('    ' + call.format('_update_parallel', ', update_parts'))
+                    self.emit('    ' + call.format('update_parallel', ', update_parts'))
                     self.emit('else:')
-                    self.emit('    ' + call.format('_update_serial', ''))
+                    self.emit('    ' + call.format('update_serial', ''))
                 else:
-                    self.emit(call.format('_update_serial', ''))
+                    self.emit(call.format('update_serial', ''))
 
     def state_arg(self, optimizer, p, name):
         """The name of the argument that passes optimizer.state[p][name] (Adam's step count comes with its
@@ -676,7 +676,7 @@ from fastgrad.kernels.blas import matmul as _matmul
 from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
                                      dense_backward as _dense_backward, sparse_affine as _sparse_affine,
                                      sparse_weight_grad as _sparse_weight_grad)
-from fastgrad.kernels.optim import _update_parallel, _update_serial
+from fastgrad.kernels.optim import update_parallel, update_serial
 from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
                                       cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
                                       log_softmax_backward as _log_softmax_backward, softmax as _softmax)

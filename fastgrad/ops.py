@@ -169,7 +169,7 @@ class Linear(Op):
             _check_ndim('Linear', 'weight', w, 2)
             raise ValueError(f'Linear: input {x.shape}, weight {w.shape} (out, in) and bias {b.shape} do not fit')
         wt = prepare(w.T)
-        x, b = prepare(x, b, dtype=wt.dtype)
+        x, b = prepare(x, dtype=wt.dtype), prepare(b, dtype=wt.dtype)
         sparse = not context['needs_input_grad'][0] and backend.sparse_allowed() and kernels.sparse_enough(x)
         y, nonzeros = OP_KERNELS['Linear'].forward(x, wt, b.reshape(-1), code, backend.sparse_parts() if sparse else 0)
         context['x'], context['wt'], context['y'], context['code'] = x, wt, y, code

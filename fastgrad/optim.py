@@ -30,6 +30,7 @@ class FlatParam(NamedTuple):
     order: str         # its memory order, 'C' or 'F'
     flat: np.ndarray   # value.ravel(order), a view
     state: dict        # buffer name -> flat view of state[p][name]
+    empty: np.ndarray  # flat[:0], passed for a state the update rule does not use
 
 def _number(value):
     """A finite real number from a Python/numpy scalar or a 0-d array (not bool, text or a sequence)."""
@@ -142,6 +143,7 @@ class Optimizer:
         if tracing.recorder is not None:
             tracing.recorder.step(self)
         for group in self.param_groups:
+            scalars = self._group_scalars(group)
             for p in group['params']:
                 grad = p.grad_if_any
                 if grad is None:  # a parameter no backward reached is left alone, as in torch
@@ -154,7 +156,8 @@ class Optimizer:
                     raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} has shape {value.shape}, '
                                      f'its gradient {grad.shape}')
                 # a copy of the gradient only if its dtype or layout differ from the parameter's
-                self._update(p, flat, np.asarray(grad, dtype=value.dtype, order=flat.order).ravel(flat.order), group)
+                self._update(p, flat, np.asarray(grad, dtype=value.dtype, order=flat.order).ravel(flat.order), group,
+                             scalars)
 
     def _index(self, p):
         return next(i for i, q in enumerate(self.params) if q is p)
@@ -164,7 +167,8 @@ class Optimizer:
         order = _memory_order(value)
         if order is None or not value.flags.writeable:
             raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} must be a writeable contiguous array')
-        return FlatParam(value, order, value.ravel(order), {})
+        flat = value.ravel(order)
+        return FlatParam(value, order, flat, {}, flat[:0])
 
     def _buffer(self, p, flat, name):
         """state[p][name]: zeros shaped and laid out like the parameter, made at first use; returned as a
@@ -313,7 +317,11 @@ class Optimizer:
         if hasattr(self, '_scalars'):
             self._scalars = {}
 
-    def _update(self, p, flat, grad, group):
+    def _group_scalars(self, group):
+        """What every update of the group's parameters in this step shares (None: nothing)."""
+        return None
+
+    def _update(self, p, flat, grad, group, scalars):
         raise NotImplementedError
 
 
@@ -327,23 +335,28 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay))
         if any(group['nesterov'] and group['momentum'] <= 0 for group in self.param_groups):
             raise ValueError('SGD: nesterov momentum needs momentum > 0')
-        self._scalars = {}  # (group index, dtype) -> (hyperparameters, the kernel's rule and scalars)
+        self._scalars = {}  # id(group) -> (its hyperparameters, {dtype: the kernel's rule and scalars})
 
     def _buffer_names(self):
         return self.buffers if any(group['momentum'] for group in self.param_groups) else ()
 
-    def _update(self, p, flat, grad, group):
-        dtype = flat.value.dtype
-        key = id(group), dtype
+    def _group_scalars(self, group):
+        """{dtype: (rule, scalars)}, made again only when one of the group's hyperparameters changes."""
         hyper = group['lr'], group['momentum'], group['weight_decay'], group['nesterov']
-        cached = self._scalars.get(key)
-        if cached is None or cached[0] != hyper:  # made again only when a hyperparameter changes
-            s = dtype.type
-            rule = RULES['nesterov'] if group['nesterov'] else RULES['sgd']
-            cached = self._scalars[key] = hyper, rule, (s(hyper[0]), s(hyper[1]), s(hyper[2]), s(0), s(0), s(0))
-        _, rule, scalars = cached
-        buf = self._buffer(p, flat, 'momentum_buffer') if group['momentum'] else flat.flat[:0]
-        backend.update(rule, flat.flat, grad, buf, flat.flat[:0], scalars)
+        cached = self._scalars.get(id(group))
+        if cached is None or cached[0] != hyper:
+            cached = self._scalars[id(group)] = hyper, {}
+        return cached[1]
+
+    def _update(self, p, flat, grad, group, scalars):
+        dtype = flat.value.dtype
+        made = scalars.get(dtype)
+        if made is None:
+            made = scalars[dtype] = (RULES['nesterov'] if group['nesterov'] else RULES['sgd'],
+                                     np.array([group['lr'], group['momentum'], group['weight_decay'], 0, 0, 0], dtype))
+        rule, values = made
+        buf = self._buffer(p, flat, 'momentum_buffer') if group['momentum'] else flat.empty
+        backend.update(rule, flat.flat, grad, buf, flat.empty, values)
 
 
 class Adam(Optimizer):
@@ -356,15 +369,15 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _update(self, p, flat, grad, group):
+    def _update(self, p, flat, grad, group, scalars):
         state = self.state.setdefault(p, {})
         step = state['step'] = state.get('step', 0) + 1
         beta1, beta2 = group['betas']
-        s = flat.value.dtype.type  # the bias corrections change every step: converted here
-        scalars = (s(group['lr'] / (1 - beta1 ** step)), s(beta1), s(beta2), s(group['eps']),
-                   s(group['weight_decay']), s(1 / math.sqrt(1 - beta2 ** step)))
+        # the bias corrections change every step: made here
+        values = np.array([group['lr'] / (1 - beta1 ** step), beta1, beta2, group['eps'], group['weight_decay'],
+                           1 / math.sqrt(1 - beta2 ** step)], flat.value.dtype)
         backend.update(RULES['adam'], flat.flat, grad, self._buffer(p, flat, 'exp_avg'),
-                       self._buffer(p, flat, 'exp_avg_sq'), scalars)
+                       self._buffer(p, flat, 'exp_avg_sq'), values)
 
 
 # -- learning-rate schedules

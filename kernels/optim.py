@@ -2,8 +2,9 @@
 
 Every rule runs through one launcher, `update`, serial or split over `parts` threads: an update rule is
 an inline loop over a slice (below), a code in RULES, and a branch in `_apply`. Hyperparameters arrive as
-scalars of the parameter's dtype, so a float32 update stays in float32 and the loops vectorise; the
-branches sit outside the loops for the same reason. Each element is updated by exactly one thread with the
+one small array of the parameter's dtype (one argument, not six: each costs the dispatcher time), so a
+float32 update stays in float32 and the loops vectorise; the branches sit outside the loops for the same
+reason. Each element is updated by exactly one thread with the
 same operations, so the result does not depend on the number of parts.
 """
 import numpy as np
@@ -50,34 +51,34 @@ def _adam(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt
 
 
 @njit(inline='always')
-def _apply(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5):
+def _apply(rule, p, g, s1, s2, h):
     if rule == ADAM:
-        _adam(p, g, s1, s2, h0, h1, h2, h3, h4, h5)
+        _adam(p, g, s1, s2, h[0], h[1], h[2], h[3], h[4], h[5])
     else:
-        _sgd(p, g, s1, h0, h1, h2, rule == NESTEROV)
+        _sgd(p, g, s1, h[0], h[1], h[2], rule == NESTEROV)
 
 
 @kernel
-def _update_serial(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5):
-    _apply(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5)
+def update_serial(rule, p, g, s1, s2, h):
+    _apply(rule, p, g, s1, s2, h)
 
 
 @parallel_kernel
-def _update_parallel(rule, p, g, s1, s2, h0, h1, h2, h3, h4, h5, parts):
+def update_parallel(rule, p, g, s1, s2, h, parts):
     n = p.shape[0]
     for t in prange(parts):
         lo, hi = n * t // parts, n * (t + 1) // parts
         # a state that is not used (SGD without momentum) is empty: its slice stays empty
         a, b = s1[min(lo, s1.shape[0]):min(hi, s1.shape[0])], s2[min(lo, s2.shape[0]):min(hi, s2.shape[0])]
-        _apply(rule, p[lo:hi], g[lo:hi], a, b, h0, h1, h2, h3, h4, h5)
+        _apply(rule, p[lo:hi], g[lo:hi], a, b, h)
 
 
 def update(rule, p, g, s1, s2, hyper, parts=1):
     """Updates p (and its state s1, s2: arrays like p, or empty when the rule does not use them) in place
-    from its gradient g, on `parts` threads. hyper: six scalars of p's dtype, the rule's hyperparameters
+    from its gradient g, on `parts` threads. hyper: an array of six numbers of p's dtype, the rule's hyperparameters
     in its loop's order, padded with zeros (SGD: lr, momentum, weight_decay; Adam: step_size, beta1,
     beta2, eps, weight_decay, inv_bias2_sqrt)."""
     if parts > 1:
-        _update_parallel(rule, p, g, s1, s2, *hyper, parts)
+        update_parallel(rule, p, g, s1, s2, hyper, parts)
     else:
-        _update_serial(rule, p, g, s1, s2, *hyper)
+        update_serial(rule, p, g, s1, s2, hyper)

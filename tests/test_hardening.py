@@ -369,6 +369,7 @@ def checkpoint(tmp_path):
 
 
 def resume(folder, capsys):
+    capsys.readouterr()  # what making the checkpoint printed (a first-run compile notice) is not the resume's
     code = cli.main(['train', '-D', 'synth', '-e', '2', '--hidden', '4', '-l', '0.05', '--no-progress',
                      '--checkpoint', str(folder), '--resume'])
     captured = capsys.readouterr()

@@ -183,9 +183,8 @@ def test_sgd_step(dtype, momentum, nesterov, wd):
         rbuf = momentum * rbuf + d
         d = d + momentum * rbuf if nesterov else rbuf
     rp = rp - 0.1 * d
-    s = np.dtype(dtype).type
     rule = kernels.RULES['nesterov' if nesterov else 'sgd']
-    kernels.update(rule, p, g, buf if momentum else p[:0], p[:0], (s(0.1), s(momentum), s(wd), s(0), s(0), s(0)))
+    kernels.update(rule, p, g, buf if momentum else p[:0], p[:0], np.array([0.1, momentum, wd, 0, 0, 0], dtype))
     np.testing.assert_allclose(p, rp, **TOL[dtype])
     if momentum:
         np.testing.assert_allclose(buf, rbuf, **TOL[dtype])
@@ -200,9 +199,8 @@ def test_adam_step(dtype):
     rm = b1 * m + (1 - b1) * d
     rv = b2 * v + (1 - b2) * d * d
     rp = p - lr / (1 - b1 ** step) * rm / (np.sqrt(rv) / np.sqrt(1 - b2 ** step) + eps)
-    s = np.dtype(dtype).type
     kernels.update(kernels.RULES['adam'], p, g, m, v,
-                   (s(lr / (1 - b1 ** step)), s(b1), s(b2), s(eps), s(wd), s(1 / np.sqrt(1 - b2 ** step))))
+                   np.array([lr / (1 - b1 ** step), b1, b2, eps, wd, 1 / np.sqrt(1 - b2 ** step)], dtype))
     for got, want in ((p, rp), (m, rm), (v, rv)):
         np.testing.assert_allclose(got, want, **TOL[dtype])
 
@@ -211,18 +209,17 @@ def test_adam_step(dtype):
 @pytest.mark.parametrize('parts', [2, 3])
 def test_threaded_updates_equal_serial(dtype, parts):
     """Big parameters are updated in parts on numba's threads: bit for bit what the serial loop gives."""
-    s = np.dtype(dtype).type
     n = 1001  # not a multiple of the parts
     cases = [('sgd', 0.0, 0.0), ('sgd', 0.9, 0.01), ('nesterov', 0.8, 0.1), ('adam', 0.9, 0.1)]
     for rule, momentum, wd in cases:
         p, g, s1, s2 = data(n, dtype, 1), data(n, dtype, 2), data(n, dtype, 3), np.abs(data(n, dtype, 4))
         if rule != 'adam':
             s2 = p[:0]
-            scalars = s(0.1), s(momentum), s(wd), s(0), s(0), s(0)
+            scalars = np.array([0.1, momentum, wd, 0, 0, 0], dtype)
             if not momentum:
                 s1 = p[:0]
         else:
-            scalars = s(0.01), s(0.9), s(0.999), s(1e-8), s(wd), s(1.2)
+            scalars = np.array([0.01, 0.9, 0.999, 1e-8, wd, 1.2], dtype)
         serial, threaded = [a.copy() for a in (p, s1, s2)], [a.copy() for a in (p, s1, s2)]
         kernels.update(kernels.RULES[rule], serial[0], g, serial[1], serial[2], scalars, 1)
         kernels.update(kernels.RULES[rule], threaded[0], g, threaded[1], threaded[2], scalars, parts)
