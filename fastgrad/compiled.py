@@ -479,6 +479,8 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
     xs, wt, code, cols, count, sp = saved
     need_x, need_w, need_b = needs
     gx, gwt, gb, gz = gen.fresh('gx'), gen.fresh('gwt'), gen.fresh('gb'), gen.fresh('gz')
+    if not g.contiguous:
+        g = gen.new(gen.storage(g), g.shape, g.dtype)
     dense = f'{gx}, {gwt}, {gb} = _dense_backward({xs.name}, {wt.name}, {out.name}, {g.name}, {code}, {need_x})'
     if sp is None:
         gen.emit(dense)
