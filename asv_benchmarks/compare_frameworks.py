@@ -6,7 +6,9 @@
 Workload A: MNIST-shaped MLP 784-300-10 relu, batch 128, SGD momentum 0.9, lr 0.01, float32, one epoch over
 50,000 images (the real MNIST when `fastgrad.load_mnist` finds it, seeded random pixels otherwise; the
 random pixels are all nonzero, so fastgrad's sparse-input first layer stays dense on them and the table
-says which data ran). Workload B: vugrad's synth task,
+says which data ran). Workload C: LeNet-5 (conv 6@5x5 pad 2, relu, 2x2 max-pool, conv 16@5x5, relu, 2x2
+max-pool, dense 400-120-84-10) on the same 50,000 images as (N, 1, 28, 28), batch 128 (`--workload C`; not
+in `all`: fastgrad eager, PyTorch and a jax.jit step only, as fastgrad.compile has no conv ops). Workload B: vugrad's synth task,
 2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run
 (--epochs timed epochs each, after a warm-up: 20 steps, or one epoch for the compiled epochs, so that
 compilation is never timed); the table gives the medians over all timed epochs and their ratios
@@ -54,6 +56,9 @@ def workload_data(name, seed=0):
         except Exception:  # no loader or no data here: same shapes, random pixels
             x = rng.random((50_000, 784), dtype=np.float32)
             return x, rng.integers(0, 10, 50_000), 'random pixels'
+    if name == 'C':
+        x, y, source = workload_data('A', seed)
+        return x.reshape(-1, 1, 28, 28), y, source
     x = rng.standard_normal((60_000, 2)).astype(np.float32)
     q = np.einsum('bf, fk, bk -> b', x, np.array([[1, 0.5], [1, 0.2]], dtype=np.float32), x)
     return x, (q > 0.6).astype(np.int64), 'synth'
@@ -212,6 +217,77 @@ def torch_trainer(sizes, lr, momentum):
     return 'step', step
 
 
+def lenet_fastgrad_trainer(sizes, lr, momentum):
+    import fastgrad as fg
+    from fastgrad.train import training_step
+    model = fg.LeNet(rng=0)
+    step = training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=momentum))
+    return 'step', lambda xb, yb: step(xb, yb).value
+
+
+def lenet_torch_trainer(sizes, lr, momentum):
+    import torch
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                          nn.Linear(84, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def step(xb, yb):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return 'step', step
+
+
+def lenet_jax_trainer(sizes, lr, momentum):
+    import jax
+    import jax.numpy as jnp
+    rng = np.random.default_rng(0)
+
+    def uniform(shape, fan_in):
+        bound = 1 / np.sqrt(fan_in)
+        return jnp.asarray(rng.uniform(-bound, bound, shape).astype(np.float32))
+
+    params = [(uniform((6, 1, 5, 5), 25), uniform((6,), 25)), (uniform((16, 6, 5, 5), 150), uniform((16,), 150)),
+              (uniform((400, 120), 400), uniform((120,), 400)), (uniform((120, 84), 120), uniform((84,), 120)),
+              (uniform((84, 10), 84), uniform((10,), 84))]
+    bufs = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    def pool(h):
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 2, 2), (1, 1, 2, 2), 'VALID')
+
+    def loss_fn(params, xb, yb):
+        (w1, b1), (w2, b2), (w3, b3), (w4, b4), (w5, b5) = params
+        h = jax.lax.conv_general_dilated(xb, w1, (1, 1), ((2, 2), (2, 2))) + b1[None, :, None, None]
+        h = pool(jax.nn.relu(h))
+        h = jax.lax.conv_general_dilated(h, w2, (1, 1), 'VALID') + b2[None, :, None, None]
+        h = pool(jax.nn.relu(h)).reshape(xb.shape[0], -1)
+        h = jax.nn.relu(h @ w3 + b3)
+        h = jax.nn.relu(h @ w4 + b4)
+        logp = jax.nn.log_softmax(h @ w5 + b5)
+        return -jnp.mean(jnp.take_along_axis(logp, yb[:, None], axis=1))
+
+    @jax.jit
+    def update(params, bufs, xb, yb):
+        loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb)
+        bufs = jax.tree_util.tree_map(lambda b, g: momentum * b + g, bufs, grads)
+        params = jax.tree_util.tree_map(lambda p, b: p - lr * b, params, bufs)
+        return params, bufs, loss
+
+    state = [params, bufs]
+
+    def step(xb, yb):
+        state[0], state[1], loss = update(state[0], state[1], xb, yb)
+        return float(loss)
+    return 'step', step
+
+
+LENET_TRAINERS = {'fastgrad-eager': lenet_fastgrad_trainer, 'torch': lenet_torch_trainer, 'jax-step': lenet_jax_trainer}
+
 TRAINERS = {'fastgrad': fastgrad_trainer, 'fastgrad-step': fastgrad_step_trainer,
             'fastgrad-eager': fastgrad_eager_trainer, 'numpy': numpy_trainer, 'torch': torch_trainer,
             'jax-step': jax_step_trainer, 'jax-scan': jax_scan_trainer}
@@ -220,7 +296,8 @@ TRAINERS = {'fastgrad': fastgrad_trainer, 'fastgrad-step': fastgrad_step_trainer
 def run_child(args):
     x, y, source = workload_data(args.workload)
     sizes = [x.shape[1]] + args.hidden + [int(y.max()) + 1]
-    kind, fn = TRAINERS[args.child](sizes, lr=0.01, momentum=0.9)
+    trainers = LENET_TRAINERS if args.workload == 'C' else TRAINERS
+    kind, fn = trainers[args.child](sizes, lr=0.01, momentum=0.9)
     order = np.random.default_rng(1).permutation(len(x))
 
     def epoch():
@@ -327,10 +404,29 @@ def header(names):
     return '| workload | ' + ' | '.join(cols) + ' |\n|' + '---|' * (len(cols) + 1)
 
 
+def compare_lenet(args):
+    """Workload C: LeNet-5 epochs, fastgrad eager against PyTorch and a jax.jit step."""
+    names = [n for n in ['fastgrad-eager', 'torch', 'jax-step'] if n == 'fastgrad-eager' or
+             __import__('importlib').util.find_spec(n.split('-')[0]) is not None]
+    runs = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            runs[name].append(child(name, 'C', [0], 128, args.epochs)['seconds'])
+    medians = {name: float(np.median(np.concatenate(times))) for name, times in runs.items()}
+    print(f'float32 sgemm peak (numba BLAS, 2048^3): {sgemm_peak():.1f} GFLOP/s\n')
+    print('| workload | ' + ' | '.join(f'{n} s' for n in names) + ' | ' +
+          ' | '.join(f'fastgrad-eager/{n} (rounds)' for n in names[1:]) + ' |')
+    print('|' + '---|' * (2 * len(names)))
+    ratios = [f'{medians["fastgrad-eager"] / medians[n]:.2f}x ({min(np.median(a) / np.median(b) for a, b in zip(runs["fastgrad-eager"], runs[n])):.2f}-'
+              f'{max(np.median(a) / np.median(b) for a, b in zip(runs["fastgrad-eager"], runs[n])):.2f})' for n in names[1:]]
+    print('| C: LeNet-5, batch 128, 50k | ' + ' | '.join(f'{medians[n]:.3f}' for n in names) + ' | ' + ' | '.join(ratios) + ' |')
+    print(f'\nC, fastgrad: {50_000 / medians["fastgrad-eager"]:,.0f} images/s')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--child', choices=sorted(TRAINERS), help=argparse.SUPPRESS)
-    parser.add_argument('--workload', choices=['A', 'B', 'all'], default='all')
+    parser.add_argument('--workload', choices=['A', 'B', 'C', 'all'], default='all')
     parser.add_argument('--hidden', type=int, nargs='+', default=None)
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--epochs', type=int, default=1, help='timed epochs per run (each run is a new process)')
@@ -344,6 +440,8 @@ def main():
         args.hidden = args.hidden or ([300] if args.workload == 'A' else [8])
         return run_child(args)
 
+    if args.workload == 'C':
+        return compare_lenet(args)
     names = frameworks()
     if args.only:
         names = [n for n in names if n == 'fastgrad' or n in args.only]
