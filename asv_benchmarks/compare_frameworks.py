@@ -197,15 +197,8 @@ def numpy_step(sizes, lr, momentum):
     return step
 
 
-def torch_trainer(sizes, lr, momentum):
+def torch_step(model, lr, momentum):
     import torch
-    torch.manual_seed(0)
-    layers = []
-    for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(i, o))
-        if k < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     def step(xb, yb):
@@ -215,6 +208,17 @@ def torch_trainer(sizes, lr, momentum):
         opt.step()
         return loss.item()
     return 'step', step
+
+
+def torch_trainer(sizes, lr, momentum):
+    import torch
+    torch.manual_seed(0)
+    layers = []
+    for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(torch.nn.Linear(i, o))
+        if k < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch_step(torch.nn.Sequential(*layers), lr, momentum)
 
 
 def lenet_fastgrad_trainer(sizes, lr, momentum):
@@ -232,15 +236,7 @@ def lenet_torch_trainer(sizes, lr, momentum):
     model = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
                           nn.Linear(84, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-
-    def step(xb, yb):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
-        loss.backward()
-        opt.step()
-        return loss.item()
-    return 'step', step
+    return torch_step(model, lr, momentum)
 
 
 def lenet_jax_trainer(sizes, lr, momentum):
