@@ -763,7 +763,7 @@ class Program:
         self.structure = self.structure_key()
         self.refs = self.hyper = None  # the arrays and hyperparameters the cached arguments were made from
         self.cached = None
-        self.step_ready = self.epoch_ready = False  # called once (compiled or loaded from numba's cache)
+        self.step_ready = self.epoch_ready = False  # compiled (or loaded from numba's cache) for their arguments
 
     def structure_key(self):
         """What the code is specialised on besides the arguments: each parameter's array (shape, dtype,
@@ -844,9 +844,16 @@ class CompiledStep:
     def __init__(self, fn):
         self.fn = fn
         self.programs = {}  # (shape and dtype of each argument) -> Program
-        self.compile_seconds = 0.0  # spent tracing and compiling so far (first calls included whole)
+        self.compile_seconds = 0.0  # spent tracing (the traced step included) and compiling so far
         self.__name__ = getattr(fn, '__name__', 'step')
         self.__doc__ = getattr(fn, '__doc__', None)
+
+    def _compile(self, function, call):
+        """Compiles (or loads from numba's cache) `function` for these arguments before it first runs, so
+        that compile_seconds holds compilation only."""
+        start = time.perf_counter()
+        function.compile(tuple(numba.typeof(a) for a in call))
+        self.compile_seconds += time.perf_counter() - start
 
     def _program(self, key):
         """The program for arguments of these shapes and dtypes and its other arguments, or (None, None)
@@ -862,13 +869,11 @@ class CompiledStep:
         program, arrays = self._program(key)
         if program is None:
             return self._trace(args, key)
-        if program.step_ready:
-            status, took_sparse, results, grads = program.step(*args, *arrays, *_thread_args(program))
-        else:  # numba compiles it (or loads it from its cache) now
-            start = time.perf_counter()
-            status, took_sparse, results, grads = program.step(*args, *arrays, *_thread_args(program))
-            self.compile_seconds += time.perf_counter() - start
+        call = (*args, *arrays, *_thread_args(program))
+        if not program.step_ready:
+            self._compile(program.step, call)
             program.step_ready = True
+        status, took_sparse, results, grads = program.step(*call)
         if status != OK:
             return self.fn(*args)  # eagerly, which raises the error the compiled code found (before any update)
         program.finish(arrays, took_sparse, grads)
@@ -940,12 +945,11 @@ class CompiledStep:
                 raise TypeError('run: the step must take two arrays (xb, yb) and return one loss')
             if full > done:
                 out = np.empty(full - done, dtype=np.float64)
-                start = time.perf_counter()
-                status, took_sparse, grads = program.epoch(x, y, order[done * batch_size:full * batch_size], out,
-                                                           *arrays, *_thread_args(program))
-                if not program.epoch_ready:  # numba compiled it (or loaded it from its cache) in that call
-                    self.compile_seconds += time.perf_counter() - start
+                call = (x, y, order[done * batch_size:full * batch_size], out, *arrays, *_thread_args(program))
+                if not program.epoch_ready:
+                    self._compile(program.epoch, call)
                     program.epoch_ready = True
+                status, took_sparse, grads = program.epoch(*call)
                 program.finish(arrays, took_sparse, grads)
                 if status != OK:  # a bad target in batch k: the batches before it have been stepped
                     k = done + (status >> 8)
