@@ -13,7 +13,7 @@ What a compiled step captures, and what it reads anew on every call:
   call, so a parameter given a new array of the same shape, dtype and layout is used as it is; one of
   another shape, dtype or layout makes the step trace again;
 - the optimizer's hyperparameters (lr, momentum, ... of each group) are read on every call, so a schedule
-  or `opt.lr = x` takes effect; switching momentum on or off, or nesterov, traces again; its state
+  or `opt.lr = x` takes effect (nesterov too); switching momentum on or off traces again; its state
   buffers are read from `optimizer.state` on every call (a loaded state dict is used);
 - the step's arguments; data nodes must hold an argument's array itself (`TensorNode(xb)`), and a constant
   array that is neither an argument nor a single number is refused at trace time (it would be frozen);
@@ -812,17 +812,7 @@ class Program:
                 out.append(np.array([state.get('step', 0)], dtype=np.int64))
                 self.steps.append(((opt, p), out[-1]))
                 continue
-            transposed = _storage_transposed(p.value)
-            order = 'F' if transposed else 'C'
-            buf = state.get(name)
-            if buf is None or buf.shape != p.value.shape or buf.dtype != p.value.dtype:
-                if buf is not None and buf.shape != p.value.shape:
-                    raise ValueError(f'{type(opt).__name__}: a parameter has shape {p.value.shape}, its {name} '
-                                     f'{buf.shape}')
-                buf = state[name] = np.zeros_like(p.value, order=order) if buf is None else np.array(buf, p.value.dtype, order=order)
-            elif not (buf.flags.f_contiguous if transposed else buf.flags.c_contiguous):
-                buf = state[name] = np.asarray(buf, order=order)
-            out.append((buf.T if transposed else buf).reshape(-1))
+            out.append(opt.flat_buffer(p, name))  # in the parameter's memory order: its storage view's, flat
         return out
 
     def finish(self, arrays, took_sparse, grads):

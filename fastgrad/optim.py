@@ -148,9 +148,7 @@ class Optimizer:
                 grad = p.grad_if_any
                 if grad is None:  # a parameter no backward reached is left alone, as in torch
                     continue
-                flat = self._flat.get(p)
-                if flat is None or flat.value is not p.value:
-                    flat = self._flat[p] = self._flatten(p)
+                flat = self._flat_param(p)
                 value = flat.value
                 if grad.shape != value.shape:  # the kernels would read past a smaller gradient
                     raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} has shape {value.shape}, '
@@ -169,6 +167,17 @@ class Optimizer:
             raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} must be a writeable contiguous array')
         flat = value.ravel(order)
         return FlatParam(value, order, flat, {}, flat[:0])
+
+    def _flat_param(self, p):
+        flat = self._flat.get(p)
+        if flat is None or flat.value is not p.value:
+            flat = self._flat[p] = self._flatten(p)
+        return flat
+
+    def flat_buffer(self, p, name):
+        """state[p][name] as the flat view an update kernel writes (made at first use), for code that runs
+        the update itself: fastgrad.compile's steps."""
+        return self._buffer(p, self._flat_param(p), name)
 
     def _buffer(self, p, flat, name):
         """state[p][name]: zeros shaped and laid out like the parameter, made at first use; returned as a
