@@ -8,10 +8,11 @@
 Threads. numba's parallel loops and OpenBLAS's workers both spin while they wait; on a small machine two
 pools stole each other's cores and a step took several times as long. So one of them owns the cores at a
 time: 'blas' (OpenBLAS keeps its threads for the dense products; no numba threads run: the sparse-input
-path is off and optimizer updates are serial) or 'numba' (SciPy's OpenBLAS on one thread; the sparse-input
-products and the updates of big parameters run on numba's threads). The default policy, 'auto', starts
-with 'blas' and hands the cores to numba for the rest of the process the first time a sparse input comes,
-since then the sparse products dominate a step. numpy's own BLAS is never touched.
+path is off, optimizer updates and convolutions are serial) or 'numba' (SciPy's OpenBLAS on one thread; the
+sparse-input products, convolutions (an image per thread at a time) and the updates of big parameters run
+on numba's threads). The default policy, 'auto', starts with 'blas' and hands the cores to numba for the
+rest of the process the first time a sparse input or a convolution comes, since then those kernels
+dominate a step. numpy's own BLAS is never touched.
 """
 import contextlib
 import os
@@ -111,6 +112,16 @@ def sparse_allowed():
 def sparse_parts():
     """The threads for the sparse-input kernels, which are about to run: under 'auto' this hands the
     cores to numba (SciPy's OpenBLAS to one thread) for the rest of the process."""
+    if _policy['owner'] != 'numba':
+        _hand_cores_to('numba')
+    return numba.get_num_threads()
+
+
+def conv_parts():
+    """The threads for the convolution and max-pooling kernels, which are about to run: 1 under 'blas';
+    otherwise numba's, and under 'auto' this hands the cores to numba for the rest of the process."""
+    if _policy['policy'] == 'blas':
+        return 1
     if _policy['owner'] != 'numba':
         _hand_cores_to('numba')
     return numba.get_num_threads()

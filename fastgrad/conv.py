@@ -2,48 +2,18 @@
 Flatten (as ops.Linear and modules.Linear), the functions conv2d, max_pool2d and flatten, and LeNet-5.
 
 Arrays are NCHW, as in PyTorch: x (N, C, H, W), a convolution's weight (O, C, kh, kw) and bias (O,).
-The maths runs in kernels/conv.py (im2col around one sgemm, see there), on arrays from backend.prepare.
-Big scratch arrays (the product's output, the gradients of the patches) are reused from call to call,
-per thread; the patches a convolution saves for its weight gradient are its own.
+The maths runs in kernels/conv.py (one sgemm per image on its shifted rows, see there), on arrays from
+backend.prepare, on the threads backend.conv_parts gives.
 
 fastgrad.compile has no compiled form for these ops yet: a step with them runs eagerly (op by op), and
 `fastgrad train --model lenet` does so.
 """
-import threading
-
 import numpy as np
 
-from .backend import OP_KERNELS, prepare
+from .backend import OP_KERNELS, conv_parts, prepare
 from .core import Op, TensorNode
 from .functions import relu, sigmoid, tanh
 from .modules import ACTIVATIONS, Linear, Module, _float_dtype, _is_size, _size
-
-
-# -- reused scratch arrays
-SCRATCH_MAX_BYTES = 256 << 20  # beyond this (an evaluation batch of thousands, say) the cache starts over
-
-
-class _Scratch(threading.local):
-    def __init__(self):
-        self.arrays, self.nbytes = {}, 0
-
-
-_scratch = _Scratch()
-
-
-def scratch(name, shape, dtype):
-    """An uninitialised array of shape and dtype, the same one on every call with these arguments in
-    this thread: for arrays that do not outlive one op call."""
-    key = (name, shape, dtype)
-    a = _scratch.arrays.get(key)
-    if a is None:
-        a = np.empty(shape, dtype)
-        if _scratch.nbytes + a.nbytes > SCRATCH_MAX_BYTES:
-            _scratch.arrays.clear()
-            _scratch.nbytes = 0
-        _scratch.arrays[key] = a
-        _scratch.nbytes += a.nbytes
-    return a
 
 
 def _pair(op, name, value, minimum):
@@ -65,7 +35,7 @@ class Conv2dOp(Op):
     """y = conv(x, w) + b, cross-correlation as torch.nn.functional.conv2d: x (N, C, H, W), w (O, C, kh, kw),
     b (O,) -> y (N, O, OH, OW), OH = (H + 2 ph - kh) // sh + 1. Constants: stride and padding (an int or a
     pair), activation None or 'relu' (fused into the output loop). Backward returns (dL/dx, dL/dw, dL/db),
-    dL/dx only when x needs it (not for the data): then neither the patches' gradient nor col2im runs."""
+    dL/dx only when x needs it (not for the data): then the patches' gradient is not computed."""
     edits_goutputs = False
 
     @staticmethod
@@ -84,33 +54,19 @@ class Conv2dOp(Op):
         if oh < 1 or ow < 1 or kh < 1 or kw < 1:
             raise ValueError(f'Conv2d: a {kh}x{kw} kernel does not fit input {x.shape} with padding {(ph, pw)}')
         x, w, b = prepare(x, w, b)
-        need_x, need_w, _ = context['needs_input_grad']
-        shape = (c * kh * kw, n * oh * ow)
-        # the weight gradient needs the patches after forward: then they are this call's own
-        cols = np.empty(shape, x.dtype) if need_w else scratch('cols', shape, x.dtype)
         relu_ = activation == 'relu'
-        y = OP_KERNELS['Conv2d'].forward(x, w.reshape(o, -1), b, kh, kw, sh, sw, ph, pw, relu_, cols,
-                                         scratch('y2', (o, n * oh * ow), x.dtype))
+        y = OP_KERNELS['Conv2d'].forward(x, w.reshape(o, -1), b, kh, kw, sh, sw, ph, pw, relu_, conv_parts())
         if True in context['needs_input_grad']:
-            context.update(cols=cols if need_w else None, w=w, y=y, relu=relu_, xshape=x.shape,
-                           geometry=(kh, kw, sh, sw, ph, pw))
+            context.update(x=x, w=w, y=y, relu=relu_, geometry=(kh, kw, sh, sw, ph, pw))
         return y
 
     @staticmethod
     def backward(context, go):
         need_x, need_w, need_b = context['needs_input_grad']
-        w, y, (kh, kw, sh, sw, ph, pw) = context['w'], context['y'], context['geometry']
-        o, c = w.shape[:2]
-        n, _, oh, ow = y.shape
-        dtype = y.dtype
-        cols = context['cols'] if need_w else np.empty((0, 0), dtype)
-        g2 = scratch('g2', (o, n * oh * ow), dtype)
-        if need_x:
-            gcols, gx = scratch('gcols', (c * kh * kw, n * oh * ow), dtype), np.zeros(context['xshape'], dtype)
-        else:
-            gcols, gx = np.empty((0, 0), dtype), np.empty((0, 0, 0, 0), dtype)
-        gw2, gb = OP_KERNELS['Conv2d'].backward(cols, w.reshape(o, -1), y, prepare(go, dtype=dtype), context['relu'],
-                                                kh, kw, sh, sw, ph, pw, need_w, need_b, g2, gcols, gx)
+        x, w, y = context['x'], context['w'], context['y']
+        gx, gw2, gb = OP_KERNELS['Conv2d'].backward(x, w.reshape(len(w), -1), y, prepare(go, dtype=y.dtype),
+                                                    context['relu'], *context['geometry'], need_x, need_w, need_b,
+                                                    conv_parts())
         return (gx if need_x else None), (gw2.reshape(w.shape) if need_w else None), (gb if need_b else None)
 
 
@@ -129,14 +85,14 @@ class MaxPool2dOp(Op):
         if x.shape[2] < kh or x.shape[3] < kw:
             raise ValueError(f'MaxPool2d: a {kh}x{kw} window does not fit input {x.shape}')
         x = prepare(x)
-        y, where = OP_KERNELS['MaxPool2d'].forward(x, kh, kw, sh, sw)
+        y, where = OP_KERNELS['MaxPool2d'].forward(x, kh, kw, sh, sw, conv_parts())
         context['where'], context['hw'] = where, x.shape[2:]
         return y
 
     @staticmethod
     def backward(context, go):
         where = context['where']
-        return OP_KERNELS['MaxPool2d'].backward(where, prepare(go), *context['hw'])
+        return OP_KERNELS['MaxPool2d'].backward(where, prepare(go), *context['hw'], conv_parts())
 
 
 class FlattenOp(Op):
