@@ -8,7 +8,7 @@ Workload A: MNIST-shaped MLP 784-300-10 relu, batch 128, SGD momentum 0.9, lr 0.
 random pixels are all nonzero, so fastgrad's sparse-input first layer stays dense on them and the table
 says which data ran). Workload C: LeNet-5 (conv 6@5x5 pad 2, relu, 2x2 max-pool, conv 16@5x5, relu, 2x2
 max-pool, dense 400-120-84-10) on the same 50,000 images as (N, 1, 28, 28), batch 128 (`--workload C`; not
-in `all`: fastgrad eager, PyTorch and a jax.jit step only, as fastgrad.compile has no conv ops). Workload B: vugrad's synth task,
+in `all`: fastgrad's three columns, PyTorch and a jax.jit step). Workload B: vugrad's synth task,
 2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run
 (--epochs timed epochs each, after a warm-up: 20 steps, or one epoch for the compiled epochs, so that
 compilation is never timed); the table gives the medians over all timed epochs and their ratios
@@ -66,27 +66,37 @@ def workload_data(name, seed=0):
 
 # -- one epoch per framework: same data order, same maths. A trainer returns ('step', fn(xb, yb)) or
 # ('epoch', fn(x, y, order, batch)).
-def fastgrad_step(sizes, lr, momentum):
+def mlp_model(sizes):
     import fastgrad as fg
-    from fastgrad.train import training_step
-    model = fg.MLP(sizes[0], sizes[-1], hidden=sizes[1:-1], activation='relu', rng=0)
-    return training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=momentum))
+    return fg.MLP(sizes[0], sizes[-1], hidden=sizes[1:-1], activation='relu', rng=0)
 
 
-def fastgrad_eager_trainer(sizes, lr, momentum):
-    step = fastgrad_step(sizes, lr, momentum)
-    return 'step', lambda xb, yb: step(xb, yb).value
-
-
-def fastgrad_step_trainer(sizes, lr, momentum):
+def lenet_model(sizes):
     import fastgrad as fg
-    return 'step', fg.compile(fastgrad_step(sizes, lr, momentum))
+    return fg.LeNet(rng=0)
 
 
-def fastgrad_trainer(sizes, lr, momentum):
-    import fastgrad as fg
-    step = fg.compile(fastgrad_step(sizes, lr, momentum))
-    return 'epoch', lambda x, y, order, batch: step.run(x, y, batch, order)[-1]
+def fastgrad_trainers(make_model):
+    """fastgrad's three columns for a model: the compiled epoch, the compiled step and the eager step."""
+    def step(sizes, lr, momentum):
+        import fastgrad as fg
+        from fastgrad.train import training_step
+        model = make_model(sizes)
+        return training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=momentum))
+
+    def eager(sizes, lr, momentum):
+        eager_step = step(sizes, lr, momentum)
+        return 'step', lambda xb, yb: eager_step(xb, yb).value
+
+    def compiled_step(sizes, lr, momentum):
+        import fastgrad as fg
+        return 'step', fg.compile(step(sizes, lr, momentum))
+
+    def epoch(sizes, lr, momentum):
+        import fastgrad as fg
+        compiled = fg.compile(step(sizes, lr, momentum))
+        return 'epoch', lambda x, y, order, batch: compiled.run(x, y, batch, order)[-1]
+    return {'fastgrad': epoch, 'fastgrad-step': compiled_step, 'fastgrad-eager': eager}
 
 
 def jax_functions(sizes, lr, momentum):
@@ -221,14 +231,6 @@ def torch_trainer(sizes, lr, momentum):
     return torch_step(torch.nn.Sequential(*layers), lr, momentum)
 
 
-def lenet_fastgrad_trainer(sizes, lr, momentum):
-    import fastgrad as fg
-    from fastgrad.train import training_step
-    model = fg.LeNet(rng=0)
-    step = training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=momentum))
-    return 'step', lambda xb, yb: step(xb, yb).value
-
-
 def lenet_torch_trainer(sizes, lr, momentum):
     import torch
     torch.manual_seed(0)
@@ -282,11 +284,9 @@ def lenet_jax_trainer(sizes, lr, momentum):
     return 'step', step
 
 
-LENET_TRAINERS = {'fastgrad-eager': lenet_fastgrad_trainer, 'torch': lenet_torch_trainer, 'jax-step': lenet_jax_trainer}
-
-TRAINERS = {'fastgrad': fastgrad_trainer, 'fastgrad-step': fastgrad_step_trainer,
-            'fastgrad-eager': fastgrad_eager_trainer, 'numpy': numpy_trainer, 'torch': torch_trainer,
+TRAINERS = {**fastgrad_trainers(mlp_model), 'numpy': numpy_trainer, 'torch': torch_trainer,
             'jax-step': jax_step_trainer, 'jax-scan': jax_scan_trainer}
+LENET_TRAINERS = {**fastgrad_trainers(lenet_model), 'torch': lenet_torch_trainer, 'jax-step': lenet_jax_trainer}
 
 
 def run_child(args):
@@ -400,23 +400,29 @@ def header(names):
     return '| workload | ' + ' | '.join(cols) + ' |\n|' + '---|' * (len(cols) + 1)
 
 
+def lenet_flops():
+    """Multiply-adds x2 per image for one LeNet-5 training step: forward and weight gradients of every
+    layer, input gradients of every layer but the first (whose input is the data)."""
+    conv1, conv2 = 2 * 6 * 1 * 25 * 28 * 28, 2 * 16 * 6 * 25 * 10 * 10
+    dense = 2 * (400 * 120 + 120 * 84 + 84 * 10)
+    return 2 * conv1 + 3 * conv2 + 3 * dense
+
+
 def compare_lenet(args):
-    """Workload C: LeNet-5 epochs, fastgrad eager against PyTorch and a jax.jit step."""
-    names = [n for n in ['fastgrad-eager', 'torch', 'jax-step'] if n == 'fastgrad-eager' or
+    """Workload C: LeNet-5 epochs, fastgrad compiled, compiled per step and eager, against PyTorch and a
+    jax.jit step."""
+    names = [n for n in LENET_TRAINERS if n.startswith('fastgrad') or
              __import__('importlib').util.find_spec(n.split('-')[0]) is not None]
-    runs = {name: [] for name in names}
-    for _ in range(args.repeats):
-        for name in names:
-            runs[name].append(child(name, 'C', [0], 128, args.epochs)['seconds'])
-    medians = {name: float(np.median(np.concatenate(times))) for name, times in runs.items()}
-    print(f'float32 sgemm peak (numba BLAS, 2048^3): {sgemm_peak():.1f} GFLOP/s\n')
-    print('| workload | ' + ' | '.join(f'{n} s' for n in names) + ' | ' +
-          ' | '.join(f'fastgrad-eager/{n} (rounds)' for n in names[1:]) + ' |')
-    print('|' + '---|' * (2 * len(names)))
-    ratios = [f'{medians["fastgrad-eager"] / medians[n]:.2f}x ({min(np.median(a) / np.median(b) for a, b in zip(runs["fastgrad-eager"], runs[n])):.2f}-'
-              f'{max(np.median(a) / np.median(b) for a, b in zip(runs["fastgrad-eager"], runs[n])):.2f})' for n in names[1:]]
-    print('| C: LeNet-5, batch 128, 50k | ' + ' | '.join(f'{medians[n]:.3f}' for n in names) + ' | ' + ' | '.join(ratios) + ' |')
-    print(f'\nC, fastgrad: {50_000 / medians["fastgrad-eager"]:,.0f} images/s')
+    if args.only:
+        names = [n for n in names if n == 'fastgrad' or n in args.only]
+    peak = sgemm_peak()
+    print(f'float32 sgemm peak (numba BLAS, 2048^3): {peak:.1f} GFLOP/s\n')
+    print(header(names))
+    medians, ratios, source = compare('C', [0], 128, args.repeats, names, args.epochs)
+    print(row(f'C: LeNet-5, batch 128, 50k ({source})', medians, names, ratios))
+    rate = 50_000 / medians['fastgrad']
+    print(f'\nC, fastgrad: {rate:,.0f} images/s, {lenet_flops() / 1e6:.2f} MFLOP per image per step, '
+          f'{rate * lenet_flops() / 1e9:.1f} GFLOP/s ({100 * rate * lenet_flops() / 1e9 / peak:.0f} % of the sgemm peak)')
 
 
 def main():

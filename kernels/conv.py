@@ -6,7 +6,7 @@ and its rows laid end to end; then for every output row r and column t in [0, Wp
 so each row (c, i, j) of the patch matrix cols (C*kh*kw, OH*Wp) is a run of xp copied whole (one run per
 image for stride 1), and its adjoint adds runs back. The output is y_wide's columns t = q*sw for q < OW;
 the other Wp - OW columns (a few wasted products) are dropped, and their gradients are zero. Forward is
-w2 @ cols, the weight gradient g @ cols.T and the patches' gradient w2.T @ g, each one sgemm through
+w2 @ cols, the weight gradient (cols @ g.T).T and the patches' gradient w2.T @ g, each one sgemm through
 numba's np.dot (SciPy's OpenBLAS, the one BLAS of a step, which must be on one thread when parts > 1).
 Everything an image needs stays in cache; backward builds the patches again rather than keeping them.
 
@@ -123,14 +123,17 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
     _, o, oh, ow = gy.shape
     hp, wp = h + 2 * ph, w + 2 * pw
     ckk = c * kh * kw
-    gw_parts = np.zeros((parts, o, ckk), gy.dtype)
+    # the weight gradient is summed transposed, cols @ g.T with g.T a C-contiguous array of its own: for
+    # these shapes, faster than g @ cols.T with a transposed operand
+    gwt_parts = np.zeros((parts, ckk, o), gy.dtype)
     gb_parts = np.zeros((parts, o), np.float64)  # each bias gradient sums N*OH*OW terms: in float64
     gx = np.empty((n if need_x else 0, c, h, w), gy.dtype)
     for part in prange(parts):
         xp = np.empty((c, hp * wp + kw), x.dtype)
         cols = np.empty((ckk, oh * wp), x.dtype)
         g = np.zeros((o, oh * wp), gy.dtype)  # the dropped columns stay zero
-        gwb = np.empty((o, ckk), gy.dtype)
+        gt = np.zeros((oh * wp, o), gy.dtype)
+        gwt = np.empty((ckk, o), gy.dtype)
         gcols = np.empty((ckk, oh * wp), gy.dtype)
         for bi in range(part * n // parts, (part + 1) * n // parts):
             for oi in range(o):
@@ -142,13 +145,14 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
                         if relu and not out[r, q] > 0:
                             v = v * 0
                         dst[r * wp + q * sw] = v
+                        gt[r * wp + q * sw, oi] = v
                         total += v
                 gb_parts[part, oi] += total
             if need_w:
                 pad_image(x[bi], ph, pw, kw, xp)
                 shifted_cols(xp, kh, kw, sh, oh, wp, cols)
-                np.dot(g, cols.T, gwb)
-                gw_parts[part] += gwb
+                np.dot(cols, gt, gwt)
+                gwt_parts[part] += gwt
             if need_x:
                 np.dot(w2.T, g, gcols)
                 shifted_cols_adjoint(gcols, kh, kw, sh, oh, wp, xp)
@@ -158,9 +162,9 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
                         at = (r + ph) * wp + pw
                         for q in range(w):
                             dst[r, q] = src[at + q]
-    gw = gw_parts[0].copy()
     for part in range(1, parts):
-        gw += gw_parts[part]
+        gwt_parts[0] += gwt_parts[part]
+    gw = np.ascontiguousarray(gwt_parts[0].T)
     gb = np.empty(o if need_b else 0, gy.dtype)
     for oi in range(gb.shape[0]):
         gb[oi] = gb_parts[:, oi].sum()
@@ -203,6 +207,23 @@ def maxpool2d_forward(x, kh, kw, sh, sw, parts):
             for ci in range(c):
                 xp, yp, wp = x[b, ci], y[b, ci], where[b, ci]
                 for r in range(oh):
+                    if kh == 2 and kw == 2:  # the common window, unrolled
+                        top, bottom = xp[r * sh], xp[r * sh + 1]
+                        for q in range(ow):
+                            j = q * sw
+                            best, at = top[j], j
+                            v = top[j + 1]
+                            if v > best or v != v:
+                                best, at = v, j + 1
+                            v = bottom[j]
+                            if v > best or v != v:
+                                best, at = v, w + j
+                            v = bottom[j + 1]
+                            if v > best or v != v:
+                                best, at = v, w + j + 1
+                            yp[r, q] = best
+                            wp[r, q] = r * sh * w + at
+                        continue
                     for q in range(ow):
                         at = r * sh * w + q * sw
                         best = xp[r * sh, q * sw]

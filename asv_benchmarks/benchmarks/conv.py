@@ -3,7 +3,7 @@ yet), and LeNet's two convolutions and its first max-pool alone, at batch 128.""
 import numpy as np
 
 import fastgrad as fg
-from fastgrad import conv, kernels
+from fastgrad import conv
 from fastgrad.train import training_step
 
 from .common import SEED, Trainer
@@ -56,7 +56,7 @@ class LeNetEpoch:
 
 
 class LeNetLayers:
-    """LeNet's layers one at a time, forward and backward (the kernels fastgrad's ops call, with their scratch)."""
+    """LeNet's layers one at a time, forward and backward (the ops' own forward and backward)."""
     params = (['conv1', 'conv2'],)
     param_names = ['layer']
 
@@ -70,8 +70,8 @@ class LeNetLayers:
         self.y = fg.conv2d(self.x, self.w, self.b, 1, self.padding, 'relu')
         self.g = rng.standard_normal(self.y.shape).astype(np.float32)
         self.pool_x = fg.TensorNode(np.ascontiguousarray(self.y.value), requires_grad=False)
-        self.where = kernels.maxpool2d_forward(self.pool_x.value, 2, 2, 2, 2)[1]
-        self.pool_g = rng.standard_normal(self.where.shape).astype(np.float32)
+        self.pool_y = fg.max_pool2d(self.pool_x, 2)
+        self.pool_g = rng.standard_normal(self.pool_y.shape).astype(np.float32)
         self.time_forward(layer)
         self.time_backward(layer)
         self.time_max_pool_forward(layer)
@@ -85,7 +85,7 @@ class LeNetLayers:
         self.y.source.op.backward(self.y.source.context, self.g)
 
     def time_max_pool_forward(self, layer):
-        kernels.maxpool2d_forward(self.pool_x.value, 2, 2, 2, 2)
+        fg.max_pool2d(self.pool_x, 2)
 
     def time_max_pool_backward(self, layer):
-        kernels.maxpool2d_backward(self.where, self.pool_g, *self.pool_x.shape[2:])
+        self.pool_y.source.op.backward(self.pool_y.source.context, self.pool_g)
