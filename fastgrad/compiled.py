@@ -20,7 +20,9 @@ What a compiled step captures, and what it reads anew on every call:
 - Python control flow runs at trace time only, as in jax.jit: values computed from the batch in Python
   inside the step are fixed at trace time; pass arrays in as arguments instead;
 - choices that depend on the data (the sparse-input path, taken per batch by its density) are made inside
-  the compiled code on every call.
+  the compiled code on every call;
+- thread counts are the backend's at each call, as the eager ops ask for them (backend.conv_parts only for a
+  step with conv or pooling ops: under 'auto' it hands the cores to numba, as an eager convolution does).
 After a compiled call, each parameter's `.grad` holds that call's gradient, as after an eager step (or
 None where the step ends with zero_grad()). An op without a compiled form (a user-defined Op, whose
 forward and backward are Python) makes the trace raise a TypeError that names it.
@@ -36,6 +38,7 @@ import numba
 import numpy as np
 
 from . import backend, kernels, ops
+from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, _pair
 from .core import TensorNode, tracing
 from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
 from .optim import SGD, Adam
@@ -118,6 +121,7 @@ class Generator:
         self.saved = {}           # id(op output) -> what its op's backward needs from the forward
         self.recorder = recorder
         self.sparse_layers = 0
+        self.conv_ops = 0         # convolutions and max-poolings: the step then takes conv_parts threads
 
     # names and lines
     def fresh(self, prefix='v'):
@@ -338,9 +342,12 @@ class Generator:
                     m, v = self.state_arg(optimizer, p, 'exp_avg'), self.state_arg(optimizer, p, 'exp_avg_sq')
                     k = self.state_index[id(optimizer), id(p), 'step']
                     self.emit(f'S{k}[0] += 1')
+                    # the step as a float: numba raises a float to an integer power by repeated squaring, an ulp
+                    # off the libm pow that Python's beta ** step (the eager update's bias corrections) calls
+                    t = f'np.float64(S{k}[0])'
                     call = (f'{{}}(np.int64({kernels.RULES["adam"]}), {flat_p}, {flat_g}, {m}, {v}, '
-                            f'np.array(({dtype}({h}[0] / (1 - {h}[1] ** S{k}[0])), {dtype}({h}[1]), {dtype}({h}[2]), '
-                            f'{dtype}({h}[3]), {dtype}({h}[4]), {dtype}(1 / np.sqrt(1 - {h}[2] ** S{k}[0])))){{}})')
+                            f'np.array(({dtype}({h}[0] / (1 - {h}[1] ** {t})), {dtype}({h}[1]), {dtype}({h}[2]), '
+                            f'{dtype}({h}[3]), {dtype}({h}[4]), {dtype}(1 / np.sqrt(1 - {h}[2] ** {t})))){{}})')
                 if size >= backend.PARALLEL_MIN_SIZE:
                     self.emit('if update_parts > 1:')
                     self.emit('    ' + call.format('update_parallel', ', update_parts'))
@@ -646,6 +653,50 @@ def _reshape_backward(gen, ins, constants, needs, out, saved, g):
     return (gen.new(f'np.ascontiguousarray({g.name}).reshape({ins[0].shape})', ins[0].shape, g.dtype),)
 
 
+def _conv2d_forward(gen, ins, constants, context, value):
+    x, w, b = ins
+    o, c, kh, kw = w.shape
+    sh, sw = _pair('Conv2d', 'stride', constants.get('stride', 1), 1)
+    ph, pw = _pair('Conv2d', 'padding', constants.get('padding', 0), 0)
+    relu = constants.get('activation') == 'relu'
+    gen.conv_ops += 1
+    xs = gen.new(gen.storage(x, value.dtype), x.shape, value.dtype)
+    w2 = gen.new(f'{gen.storage(w, value.dtype)}.reshape(({o}, {c * kh * kw}))', (o, c * kh * kw), value.dtype)
+    geometry = f'{kh}, {kw}, {sh}, {sw}, {ph}, {pw}'
+    y = gen.new(f'_conv2d_forward({xs.name}, {w2.name}, {gen.storage(b, value.dtype)}, {geometry}, {relu}, conv_parts)',
+                value.shape, value.dtype, prefix='y')
+    return y, (xs, w2, relu, geometry)
+
+
+def _conv2d_backward(gen, ins, constants, needs, out, saved, g):
+    x, w, b = ins
+    xs, w2, relu, geometry = saved
+    need_x, need_w, need_b = needs
+    gx, gw2, gb = gen.fresh('gx'), gen.fresh('gw'), gen.fresh('gb')
+    gen.emit(f'{gx}, {gw2}, {gb} = _conv2d_backward({xs.name}, {w2.name}, {out.name}, {gen.storage(g, out.dtype)}, '
+             f'{relu}, {geometry}, {need_x}, {need_w}, {need_b}, conv_parts)')
+    return (Var(gx, x.shape, out.dtype) if need_x else None,
+            gen.new(f'{gw2}.reshape({w.shape})', w.shape, out.dtype) if need_w else None,
+            Var(gb, b.shape, out.dtype) if need_b else None)
+
+
+def _maxpool2d_forward(gen, ins, constants, context, value):
+    (x,) = ins
+    kh, kw = _pair('MaxPool2d', 'kernel_size', constants['kernel_size'], 1)
+    stride = constants.get('stride')
+    sh, sw = (kh, kw) if stride is None else _pair('MaxPool2d', 'stride', stride, 1)
+    gen.conv_ops += 1
+    y, where = gen.fresh('y'), gen.fresh('where')
+    gen.emit(f'{y}, {where} = _maxpool2d_forward({gen.storage(x, value.dtype)}, {kh}, {kw}, {sh}, {sw}, conv_parts)')
+    return Var(y, value.shape, value.dtype), where
+
+
+def _maxpool2d_backward(gen, ins, constants, needs, out, saved, g):
+    (x,) = ins
+    h, w = x.shape[2:]
+    return (gen.new(f'_maxpool2d_backward({saved}, {gen.storage(g)}, {h}, {w}, conv_parts)', x.shape, g.dtype),)
+
+
 EMITTERS = {
     ops.Add: _arith('+', _add_grads),
     ops.Subtract: _arith('-', _sub_grads),
@@ -667,6 +718,9 @@ EMITTERS = {
     ops.Expand: Emitter(_expand_forward, _expand_backward),
     ops.Transpose: Emitter(_transpose_forward, _transpose_backward),
     ops.Reshape: Emitter(_reshape_forward, _reshape_backward),
+    Conv2dOp: Emitter(_conv2d_forward, _conv2d_backward),
+    MaxPool2dOp: Emitter(_maxpool2d_forward, _maxpool2d_backward),
+    FlattenOp: Emitter(_reshape_forward, _reshape_backward),  # a reshape to (N, prod(...)), as the op
 }
 
 HEADER = '''"""Generated by fastgrad.compile from a traced step; do not edit (the file name is the hash of its text)."""
@@ -675,6 +729,8 @@ from numba import njit
 
 from fastgrad.kernels.activations import activate_loop as _activate_loop, activation_backward as _activation_backward
 from fastgrad.kernels.blas import matmul as _matmul
+from fastgrad.kernels.conv import (conv2d_backward as _conv2d_backward, conv2d_forward as _conv2d_forward,
+                                   maxpool2d_backward as _maxpool2d_backward, maxpool2d_forward as _maxpool2d_forward)
 from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
                                      dense_backward as _dense_backward, sparse_affine as _sparse_affine,
                                      sparse_weight_grad as _sparse_weight_grad)
@@ -757,6 +813,7 @@ class Program:
         self.result_dtypes = [r.dtype for r in results]
         self.single = single
         self.has_sparse = gen.sparse_layers > 0
+        self.has_conv = gen.conv_ops > 0
         self.step = module.step
         self.epoch = getattr(module, 'epoch', None)
         self.source = module.__file__
@@ -960,10 +1017,14 @@ def _argument(a, i):
 
 
 def _thread_args(program):
-    """(sparse_parts, update_parts): numba's threads for the sparse kernels when the policy lets them run
-    (under 'auto' the first sparse batch then hands the cores over), and for the updates of big parameters."""
+    """(sparse_parts, update_parts, conv_parts): numba's threads for the sparse kernels when the policy lets
+    them run (under 'auto' the first sparse batch then hands the cores over), for the updates of big
+    parameters, and for the convolution and pooling kernels (1 when the program has none)."""
+    # backend.conv_parts first, as an eager step's first convolution comes before its updates: under 'auto'
+    # it hands the cores to numba, which update_parts then sees; a program without conv ops must not ask
+    conv = backend.conv_parts() if program.has_conv else 1
     sparse = numba.get_num_threads() if program.has_sparse and backend.sparse_allowed() else 0
-    return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE)
+    return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE), conv
 
 
 def _check_untraced_updates(recorder):
@@ -995,7 +1056,7 @@ def _source(gen, args, results, with_grad, epoch):
     rest = [gen.param_vars[id(p)].name for p in gen.params]
     rest += [f'H{o}' for o in range(len(gen.optimizers))]
     rest += [f'S{k}' for k in range(len(gen.state_args))]
-    rest += ['sparse_parts', 'update_parts']
+    rest += ['sparse_parts', 'update_parts', 'conv_parts']
     constants = ''.join(f'{name} = np.array({value.tolist()!r}, dtype=np.{value.dtype.name})\n'
                         for name, value in gen.constants.items())
     result_tuple = '(' + ''.join(f'{r.name}, ' for r in results) + ')'

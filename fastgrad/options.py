@@ -52,7 +52,7 @@ def add_training_options(parser, grid=False):
     sweep) takes its own lists of learning rates, momenta and epochs."""
     parser.add_argument('-D', '--dataset', choices=['synth', 'mnist'], default='synth')
     parser.add_argument('--model', choices=list(MODELS), default='mlp',
-                        help='mlp (default), or lenet: LeNet-5 on 28x28 images (-D mnist); runs eagerly')
+                        help='mlp (default), or lenet: LeNet-5 on 28x28 images (-D mnist)')
     parser.add_argument('-b', '--batch-size', type=positive_int, default=None, help=_per_model('batch_size'))
     if not grid:
         parser.add_argument('-e', '--epochs', type=positive_int, default=20)

@@ -34,7 +34,7 @@ CHUNK_BATCHES = 64  # a compiled epoch runs this many batches per call, between 
 @dataclasses.dataclass
 class TrainConfig:
     dataset: str = 'synth'
-    model: str = 'mlp'         # or 'lenet' (images only; its steps run eagerly: fastgrad.compile has no conv ops)
+    model: str = 'mlp'         # or 'lenet' (images only)
     batch_size: int = None     # None: the model's default (MODEL_DEFAULTS), as for lr and schedule
     epochs: int = 20
     lr: float = None
@@ -242,8 +242,7 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
         if schedule is not None:
             schedule.load_state_dict({'last_epoch': len(history)})
     step = training_step(model, optimizer)
-    # fastgrad.compile has no compiled form of the conv ops yet: LeNet's steps run eagerly
-    compiled = None if config.eager or config.model != 'mlp' else compile(step)
+    compiled = None if config.eager else compile(step)
     batches = -(-len(xtrain) // config.batch_size)
     # compiles (or loads) the kernels this run uses before any epoch is timed
     warmup(config.dtype, progress=progress, training='sparse' if will_be_sparse(xtrain, config) else 'dense')

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
-from fastgrad import TensorNode
+from fastgrad import TensorNode, backend
 from fastgrad.compiled import TraceError
+from fastgrad.train import training_step
 
 
 def dataset(kind, dtype, n=2000, seed=0):
@@ -69,6 +70,7 @@ CASES = [
     pytest.param('synth', 'tanh', 'nesterov', np.float32, 1e-5, id='synth-tanh-nesterov-f32', marks=pytest.mark.slow),
     pytest.param('sparse', 'sigmoid', 'adam', np.float32, 1e-5, id='sparse-sigmoid-adam-f32', marks=pytest.mark.slow),
     pytest.param('synth', 'relu', 'adam', np.float32, 0, id='synth-relu-adam-f32', marks=pytest.mark.slow),
+    pytest.param('synth', 'relu', 'adam', np.float64, 0, id='synth-relu-adam-f64', marks=pytest.mark.slow),
 ]
 
 
@@ -303,11 +305,15 @@ def test_a_second_process_loads_the_compiled_step_from_the_cache(tmp_path):
     assert 'Counter()' in misses2 and hits2 != 'Counter()', runs[1].stdout  # loaded, not compiled
 
 
-def run_train(tmp_path, *args):
-    run = subprocess.run([sys.executable, '-m', 'fastgrad', 'train', '--no-progress', '-D', 'synth', '--hidden', '8',
-                          *args], capture_output=True, text=True, cwd=tmp_path)
+def fastgrad_train(tmp_path, *args):
+    run = subprocess.run([sys.executable, '-m', 'fastgrad', 'train', '--no-progress', *args], capture_output=True,
+                         text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     return run
+
+
+def run_train(tmp_path, *args):
+    return fastgrad_train(tmp_path, '-D', 'synth', '--hidden', '8', *args)
 
 
 def log(path):
@@ -322,4 +328,116 @@ def test_train_compiled_and_eager_give_the_same_log_and_resume_across(tmp_path):
     assert log(tmp_path / 'compiled.jsonl') == log(tmp_path / 'eager.jsonl')
     run_train(tmp_path, '-e', '2', '--eager', '--checkpoint', 'ck')
     run_train(tmp_path, '-e', '3', '--checkpoint', 'ck', '--resume', '--log', 'resumed.jsonl')
+    assert log(tmp_path / 'resumed.jsonl') == log(tmp_path / 'eager.jsonl')
+
+
+# -- convolutions
+def images(n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 1, 28, 28)).astype(dtype), rng.integers(0, 10, n)
+
+
+def conv_training(model, optimizer):
+    if optimizer == 'sgd':
+        opt = fg.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    else:
+        opt = fg.Adam(model.parameters(), lr=0.01)
+    return model, opt, training_step(model, opt)
+
+
+def lenet(dtype, optimizer):
+    return conv_training(fg.LeNet(dtype=dtype, rng=0), optimizer)
+
+
+def strided_net(dtype, optimizer):
+    """Strides, paddings and kernels of two sizes, overlapping pooling windows, sigmoid, tanh and an unfused
+    relu op after the convolutions: 28 -> 14 (conv) -> 6 (pool 3, stride 2) -> 6 x 3 (conv) -> 5 x 3 (pool)."""
+    rng = np.random.default_rng(0)
+    model = fg.Sequential(
+        fg.Conv2d(1, 4, 3, stride=2, padding=1, dtype=dtype, rng=rng), fg.sigmoid, fg.MaxPool2d(3, stride=2),
+        fg.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 0), dtype=dtype, rng=rng), fg.tanh,
+        fg.MaxPool2d((2, 1), stride=1), fg.relu, fg.Flatten(), fg.Linear(6 * 5 * 3, 10, dtype=dtype, rng=rng))
+    return conv_training(model, optimizer)
+
+
+def assert_same_steps(make, dtype, optimizer, rtol, steps=6, batch=8):
+    """`steps` compiled steps against as many eager ones from the same initial weights: the losses, then
+    the parameters, the optimizer's state and the gradients, equal to rtol (0: bit for bit)."""
+    x, y = images(steps * batch, dtype)
+    eager, compiled = make(dtype, optimizer), make(dtype, optimizer)
+    step = fg.compile(compiled[2])
+    for k in range(0, steps * batch, batch):
+        want = eager[2](x[k:k + batch], y[k:k + batch]).value
+        got = step(x[k:k + batch], y[k:k + batch])
+        assert got.dtype == want.dtype
+        assert_close(got, want, rtol)
+    (program,) = step.programs.values()  # traced once
+    assert program.has_conv
+    assert_same_training(eager[:2], compiled[:2], rtol)
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        assert_close(q.grad, p.grad, rtol * 100)
+
+
+# relu LeNet runs the same kernels with the same arguments in the same order as the eager ops: bit for bit
+@pytest.mark.parametrize('dtype, optimizer', [
+    pytest.param(np.float32, 'sgd', id='f32-sgd'),
+    pytest.param(np.float64, 'adam', id='f64-adam', marks=pytest.mark.slow),
+    pytest.param(np.float32, 'adam', id='f32-adam', marks=pytest.mark.slow),
+    pytest.param(np.float64, 'sgd', id='f64-sgd', marks=pytest.mark.slow),
+])
+def test_compiled_lenet_steps_equal_eager_steps_bit_for_bit(dtype, optimizer):
+    assert_same_steps(lenet, dtype, optimizer, 0)
+
+
+# sigmoid and tanh: exp/tanh from libm in compiled code, from numpy's SIMD loops eagerly (see CASES)
+@pytest.mark.parametrize('dtype, optimizer, rtol', [
+    pytest.param(np.float32, 'sgd', 1e-5, id='f32-sgd'),
+    pytest.param(np.float64, 'adam', 1e-6, id='f64-adam', marks=pytest.mark.slow),
+])
+def test_compiled_strided_sigmoid_tanh_convolutions_equal_eager_steps(dtype, optimizer, rtol):
+    assert_same_steps(strided_net, dtype, optimizer, rtol, steps=20)
+
+
+def test_only_a_step_with_conv_ops_hands_the_cores_to_numba():
+    """Under 'auto' the conv kernels take numba's threads (backend.conv_parts), as eager conv ops do; a
+    compiled MLP step leaves the cores to BLAS."""
+    x, y, classes = dataset('synth', np.float32, n=256)
+    with backend.threads_restored():
+        fg.set_threads('auto')
+        step = fg.compile(make('synth', 'relu', 'sgd', np.float32, classes, 2)[2])
+        for k in range(0, 256, 64):
+            step(x[k:k + 64], y[k:k + 64])
+        assert backend.threads()['owner'] == 'blas'
+        (program,) = step.programs.values()
+        assert not program.has_conv
+        xi, yi = images(16, np.float32)
+        step = fg.compile(lenet(np.float32, 'sgd')[2])
+        step(xi[:8], yi[:8])  # traced: the eager conv ops hand the cores over
+        fg.set_threads('auto')
+        step(xi[8:], yi[8:])  # compiled
+        assert backend.threads()['owner'] == 'numba'
+
+
+@pytest.mark.slow
+def test_lenet_run_is_the_loop_of_steps_with_a_short_last_batch():
+    x, y = images(44, np.float32)
+    a, b = lenet(np.float32, 'sgd'), lenet(np.float32, 'sgd')
+    order = np.random.default_rng(3).permutation(len(x))
+    step_a, step_b = fg.compile(a[2]), fg.compile(b[2])
+    want = [float(step_a(x[order[i:i + 8]], y[order[i:i + 8]])) for i in range(0, 44, 8)]
+    assert step_b.run(x, y, 8, order).tolist() == want
+    assert len(step_b.programs) == 2  # the full batches and the last one (4 images)
+    assert_same_training(a[:2], b[:2], 0)
+
+
+@pytest.mark.slow
+def test_train_lenet_compiled_and_eager_give_the_same_log_and_resume_across(tmp_path):
+    from test_data import make_idx_dataset
+    make_idx_dataset(tmp_path / 'idx', n_train=44, n_test=16)
+    lenet_args = ('-D', 'mnist', '--model', 'lenet', '--data-dir', 'idx', '--final', '-b', '8')
+    fastgrad_train(tmp_path, *lenet_args, '-e', '2', '--log', 'compiled.jsonl')
+    fastgrad_train(tmp_path, *lenet_args, '-e', '2', '--eager', '--log', 'eager.jsonl')
+    assert log(tmp_path / 'compiled.jsonl') == log(tmp_path / 'eager.jsonl')
+    fastgrad_train(tmp_path, *lenet_args, '-e', '1', '--eager', '--checkpoint', 'ck')
+    fastgrad_train(tmp_path, *lenet_args, '-e', '2', '--checkpoint', 'ck', '--resume', '--log', 'resumed.jsonl')
     assert log(tmp_path / 'resumed.jsonl') == log(tmp_path / 'eager.jsonl')
