@@ -32,32 +32,34 @@ def pad_image(x, ph, pw, kw, xp):
     wp = w + 2 * pw
     xp[:] = 0
     for ci in range(c):
-        dst = xp[ci]
         for r in range(h):
-            at, row = (r + ph) * wp + pw, x[ci, r]
+            at = (r + ph) * wp + pw
+            dst, row = xp[ci, at:at + w], x[ci, r]
             for q in range(w):
-                dst[at + q] = row[q]
+                dst[q] = row[q]
 
 
+# The loops below index slices taken first (dst[t] = src[t]) rather than arrays at computed offsets
+# (dst[t] = src[start + t]): numba then has no negative index to allow for, and the copies vectorise fully.
 @kernel
 def shifted_cols(xp, kh, kw, sh, oh, wp, cols):
     """cols (C*kh*kw, OH*Wp): cols[(c*kh + i)*kw + j, r*Wp + t] = xp[c, (r*sh + i)*Wp + t + j]."""
     c = xp.shape[0]
     run = oh * wp
     for ci in range(c):
-        src = xp[ci]
         for i in range(kh):
             for j in range(kw):
                 row = cols[(ci * kh + i) * kw + j]
                 if sh == 1:  # the output rows' runs follow each other: one copy
-                    start = i * wp + j
+                    src = xp[ci, i * wp + j:i * wp + j + run]
                     for t in range(run):
-                        row[t] = src[start + t]
+                        row[t] = src[t]
                 else:
                     for r in range(oh):
-                        at, start = r * wp, (r * sh + i) * wp + j
+                        start = (r * sh + i) * wp + j
+                        src, dst = xp[ci, start:start + wp], row[r * wp:(r + 1) * wp]
                         for t in range(wp):
-                            row[at + t] = src[start + t]
+                            dst[t] = src[t]
 
 
 @kernel
@@ -67,26 +69,26 @@ def shifted_cols_adjoint(cols, kh, kw, sh, oh, wp, gxp):
     c = gxp.shape[0]
     run = oh * wp
     gxp[:] = 0
-    acc = np.empty(run + kw, gxp.dtype)
+    acc = np.empty(run + kw - 1, gxp.dtype)
     for ci in range(c):
-        dst = gxp[ci]
         for i in range(kh):
             if sh == 1:
                 acc[:] = 0
                 for j in range(kw):
-                    row = cols[(ci * kh + i) * kw + j]
+                    row, part = cols[(ci * kh + i) * kw + j], acc[j:j + run]
                     for t in range(run):
-                        acc[j + t] += row[t]
-                start = i * wp
+                        part[t] += row[t]
+                dst = gxp[ci, i * wp:i * wp + run + kw - 1]
                 for t in range(run + kw - 1):
-                    dst[start + t] += acc[t]
+                    dst[t] += acc[t]
             else:
                 for j in range(kw):
                     row = cols[(ci * kh + i) * kw + j]
                     for r in range(oh):
-                        at, start = r * wp, (r * sh + i) * wp + j
+                        start = (r * sh + i) * wp + j
+                        src, dst = row[r * wp:(r + 1) * wp], gxp[ci, start:start + wp]
                         for t in range(wp):
-                            dst[start + t] += row[at + t]
+                            dst[t] += src[t]
 
 
 @parallel_kernel
@@ -106,11 +108,16 @@ def conv2d_forward(x, w2, b, kh, kw, sh, sw, ph, pw, relu, parts):
             shifted_cols(xp, kh, kw, sh, oh, wp, cols)
             np.dot(w2, cols, wide)
             for oi in range(o):
-                src, bias, dst = wide[oi], b[oi], y[bi, oi]
+                bias = b[oi]
                 for r in range(oh):
-                    for q in range(ow):
-                        v = src[r * wp + q * sw] + bias
-                        dst[r, q] = v if (v > 0 or not relu) else v * 0  # v * 0 keeps NaN, as torch.relu
+                    src, dst = wide[oi, r * wp:r * wp + (ow - 1) * sw + 1:sw], y[bi, oi, r]
+                    if relu:
+                        for q in range(ow):
+                            v = src[q] + bias
+                            dst[q] = v if v > 0 else v * 0  # v * 0 keeps NaN, as torch.relu
+                    else:
+                        for q in range(ow):
+                            dst[q] = src[q] + bias
     return y
 
 
@@ -137,15 +144,17 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
         gcols = np.empty((ckk, oh * wp), gy.dtype)
         for bi in range(part * n // parts, (part + 1) * n // parts):
             for oi in range(o):
-                src, out, dst = gy[bi, oi], y[bi, oi], g[oi]
                 total = 0.0
                 for r in range(oh):
+                    src, out = gy[bi, oi, r], y[bi, oi, r]
+                    end = r * wp + (ow - 1) * sw + 1
+                    dst, dst_t = g[oi, r * wp:end:sw], gt[r * wp:end:sw, oi]
                     for q in range(ow):
-                        v = src[r, q]
-                        if relu and not out[r, q] > 0:
-                            v = v * 0
-                        dst[r * wp + q * sw] = v
-                        gt[r * wp + q * sw, oi] = v
+                        v = src[q]
+                        if relu:
+                            v = v if out[q] > 0 else v * 0
+                        dst[q] = v
+                        dst_t[q] = v
                         total += v
                 gb_parts[part, oi] += total
             if need_w:
@@ -157,11 +166,11 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
                 np.dot(w2.T, g, gcols)
                 shifted_cols_adjoint(gcols, kh, kw, sh, oh, wp, xp)
                 for ci in range(c):
-                    src, dst = xp[ci], gx[bi, ci]
                     for r in range(h):
                         at = (r + ph) * wp + pw
+                        src, dst = xp[ci, at:at + w], gx[bi, ci, r]
                         for q in range(w):
-                            dst[r, q] = src[at + q]
+                            dst[q] = src[q]
     for part in range(1, parts):
         gwt_parts[0] += gwt_parts[part]
     gw = np.ascontiguousarray(gwt_parts[0].T)
@@ -193,6 +202,14 @@ def conv2d_direct(x, w, b, sh, sw, ph, pw):
     return y
 
 
+@kernel
+def _max_at(best, at, v, where):
+    """(best, at) updated by the value v at where: v wins if greater, or NaN. Selects, not branches: on
+    data, which of a window's values wins is a coin toss that a branch predictor loses."""
+    take = (v > best) | (v != v)
+    return (v if take else best), (where if take else at)
+
+
 @parallel_kernel
 def maxpool2d_forward(x, kh, kw, sh, sw, parts):
     """y (N, C, OH, OW): the maximum of each kh x kw window (no padding, OH = (H - kh) // sh + 1), and
@@ -208,31 +225,25 @@ def maxpool2d_forward(x, kh, kw, sh, sw, parts):
                 xp, yp, wp = x[b, ci], y[b, ci], where[b, ci]
                 for r in range(oh):
                     if kh == 2 and kw == 2:  # the common window, unrolled
-                        top, bottom = xp[r * sh], xp[r * sh + 1]
+                        end = (ow - 1) * sw + 1
+                        a, b_ = xp[r * sh, 0:end:sw], xp[r * sh, 1:end + 1:sw]
+                        c_, d = xp[r * sh + 1, 0:end:sw], xp[r * sh + 1, 1:end + 1:sw]
+                        ys, ws = yp[r], wp[r]
+                        first = r * sh * w
                         for q in range(ow):
-                            j = q * sw
-                            best, at = top[j], j
-                            v = top[j + 1]
-                            if v > best or v != v:
-                                best, at = v, j + 1
-                            v = bottom[j]
-                            if v > best or v != v:
-                                best, at = v, w + j
-                            v = bottom[j + 1]
-                            if v > best or v != v:
-                                best, at = v, w + j + 1
-                            yp[r, q] = best
-                            wp[r, q] = r * sh * w + at
+                            at = first + q * sw
+                            best, at2 = _max_at(a[q], at, b_[q], at + 1)
+                            best, at2 = _max_at(best, at2, c_[q], at + w)
+                            best, at2 = _max_at(best, at2, d[q], at + w + 1)
+                            ys[q] = best
+                            ws[q] = at2
                         continue
                     for q in range(ow):
                         at = r * sh * w + q * sw
                         best = xp[r * sh, q * sw]
                         for i in range(kh):
                             for j in range(kw):
-                                v = xp[r * sh + i, q * sw + j]
-                                if v > best or v != v:
-                                    best = v
-                                    at = (r * sh + i) * w + q * sw + j
+                                best, at = _max_at(best, at, xp[r * sh + i, q * sw + j], (r * sh + i) * w + q * sw + j)
                         yp[r, q] = best
                         wp[r, q] = at
     return y, where
