@@ -6,9 +6,9 @@ and its rows laid end to end; then for every output row r and column t in [0, Wp
 so each row (c, i, j) of the patch matrix cols (C*kh*kw, OH*Wp) is a run of xp copied whole (one run per
 image for stride 1), and its adjoint adds runs back. The output is y_wide's columns t = q*sw for q < OW;
 the other Wp - OW columns (a few wasted products) are dropped, and their gradients are zero. Forward is
-w2 @ cols, the weight gradient (cols @ g.T).T and the patches' gradient w2.T @ g, each one sgemm through
-numba's np.dot (SciPy's OpenBLAS, the one BLAS of a step, which must be on one thread when parts > 1).
-Everything an image needs stays in cache; backward builds the patches again rather than keeping them.
+w2 @ cols, the weight gradient g @ cols.T (or its transpose) and the patches' gradient w2.T @ g, each one
+sgemm through numba's np.dot (SciPy's OpenBLAS, the one BLAS of a step, which must be on one thread when
+parts > 1). Everything an image needs stays in cache; backward builds the patches again rather than keeping them.
 
 Activations: relu can be fused into the output loop; backward then masks the incoming gradient with the
 saved output.
@@ -130,8 +130,9 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
     _, o, oh, ow = gy.shape
     hp, wp = h + 2 * ph, w + 2 * pw
     ckk = c * kh * kw
-    # the weight gradient is summed transposed, cols @ g.T with g.T a C-contiguous array of its own: for
-    # these shapes, faster than g @ cols.T with a transposed operand
+    # the weight gradient as OpenBLAS computes it faster (measured; see the commit that chose this): g @ cols.T
+    # for a few output channels over short patches, else transposed, cols @ g.T, with g.T an array of its own
+    thin = o < 8 and ckk <= 160
     gwt_parts = np.zeros((parts, ckk, o), gy.dtype)
     gb_parts = np.zeros((parts, o), np.float64)  # each bias gradient sums N*OH*OW terms: in float64
     gx = np.empty((n if need_x else 0, c, h, w), gy.dtype)
@@ -141,6 +142,7 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
         g = np.zeros((o, oh * wp), gy.dtype)  # the dropped columns stay zero
         gt = np.zeros((oh * wp, o), gy.dtype)
         gwt = np.empty((ckk, o), gy.dtype)
+        gwb = np.empty((o, ckk), gy.dtype)
         gcols = np.empty((ckk, oh * wp), gy.dtype)
         for bi in range(part * n // parts, (part + 1) * n // parts):
             for oi in range(o):
@@ -160,8 +162,12 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
             if need_w:
                 pad_image(x[bi], ph, pw, kw, xp)
                 shifted_cols(xp, kh, kw, sh, oh, wp, cols)
-                np.dot(cols, gt, gwt)
-                gwt_parts[part] += gwt
+                if thin:
+                    np.dot(g, cols.T, gwb)
+                    gwt_parts[part] += gwb.T
+                else:
+                    np.dot(cols, gt, gwt)
+                    gwt_parts[part] += gwt
             if need_x:
                 np.dot(w2.T, g, gcols)
                 shifted_cols_adjoint(gcols, kh, kw, sh, oh, wp, xp)
@@ -253,9 +259,10 @@ def maxpool2d_forward(x, kh, kw, sh, sw, parts):
 def maxpool2d_backward(where, gy, h, w, parts):
     """gx (N, C, H, W): each window's gradient added at its maximum (overlapping windows add up)."""
     n, c, oh, ow = gy.shape
-    gx = np.zeros((n, c, h * w), gy.dtype)
+    gx = np.empty((n, c, h * w), gy.dtype)
     for part in prange(parts):
         for b in range(part * n // parts, (part + 1) * n // parts):
+            gx[b] = 0  # here rather than np.zeros: on this part's thread, just before the image is filled
             for ci in range(c):
                 gp, wp, gyp = gx[b, ci], where[b, ci], gy[b, ci]
                 for r in range(oh):
