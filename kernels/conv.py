@@ -110,14 +110,17 @@ def conv2d_forward(x, w2, b, kh, kw, sh, sw, ph, pw, relu, parts):
             for oi in range(o):
                 bias = b[oi]
                 for r in range(oh):
-                    src, dst = wide[oi, r * wp:r * wp + (ow - 1) * sw + 1:sw], y[bi, oi, r]
-                    if relu:
+                    dst = y[bi, oi, r]
+                    if sw == 1 and relu:  # a contiguous slice: the loop vectorises
+                        run = wide[oi, r * wp:r * wp + ow]
                         for q in range(ow):
-                            v = src[q] + bias
+                            v = run[q] + bias
                             dst[q] = v if v > 0 else v * 0  # v * 0 keeps NaN, as torch.relu
-                    else:
-                        for q in range(ow):
-                            dst[q] = src[q] + bias
+                        continue
+                    src = wide[oi, r * wp:r * wp + (ow - 1) * sw + 1:sw]
+                    for q in range(ow):
+                        v = src[q] + bias
+                        dst[q] = v if (v > 0) | (not relu) else v * 0
     return y
 
 
