@@ -11,8 +11,8 @@ time: 'blas' (OpenBLAS keeps its threads for the dense products; no numba thread
 path is off, optimizer updates and convolutions are serial) or 'numba' (SciPy's OpenBLAS on one thread; the
 sparse-input products, convolutions (an image per thread at a time) and the updates of big parameters run
 on numba's threads). The default policy, 'auto', starts with 'blas' and hands the cores to numba for the
-rest of the process the first time a sparse input or a convolution comes, since then those kernels
-dominate a step. numpy's own BLAS is never touched.
+rest of the process the first time a sparse input, a convolution or a max-pool comes, since then those
+kernels dominate a step. numpy's own BLAS is never touched.
 """
 import contextlib
 import os
@@ -118,8 +118,9 @@ def sparse_parts():
 
 
 def conv_parts():
-    """The threads for the convolution and max-pooling kernels, which are about to run: 1 under 'blas';
-    otherwise numba's, and under 'auto' this hands the cores to numba for the rest of the process."""
+    """The threads for the convolution and max-pooling kernels, which are about to run: 1 under 'blas' (the
+    kernels then open no parallel region, and BLAS keeps its threads); otherwise numba's, and under 'auto'
+    this hands the cores to numba for the rest of the process."""
     if _policy['policy'] == 'blas':
         return 1
     if _policy['owner'] != 'numba':

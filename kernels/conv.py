@@ -7,11 +7,15 @@ so each row (c, i, j) of the patch matrix cols (C*kh*kw, OH*Wp) is a run of xp c
 image for stride 1), and its adjoint adds runs back. The output is y_wide's columns t = q*sw for q < OW;
 the other Wp - OW columns (a few wasted products) are dropped, and their gradients are zero. Forward is
 w2 @ cols, the weight gradient g @ cols.T (or its transpose) and the patches' gradient w2.T @ g, each one
-sgemm through numba's np.dot (SciPy's OpenBLAS, the one BLAS of a step, which must be on one thread when
-parts > 1). Everything an image needs stays in cache; backward builds the patches again rather than keeping them.
+sgemm through numba's np.dot (SciPy's OpenBLAS, the one BLAS of a step). With parts > 1 the images run
+in a numba parallel region, inside which OpenBLAS must be on one thread (fastgrad's thread policy sees to
+that); with parts == 1 no parallel region is opened. Everything an image needs stays in cache; backward
+builds the patches again rather than keeping them.
 
 Activations: relu can be fused into the output loop; backward then masks the incoming gradient with the
-saved output.
+saved output. Non-finite values: the dropped columns multiply real pixels by zero gradients, so an inf
+pixel that no output reads (stride > 1) can still make the weight gradient NaN where PyTorch's is finite;
+relu maps -inf to NaN (v * 0) where PyTorch gives 0. Finite inputs agree with PyTorch.
 """
 import numpy as np
 from numba import prange
@@ -65,7 +69,7 @@ def shifted_cols(xp, kh, kw, sh, oh, wp, cols):
 @kernel
 def shifted_cols_adjoint(cols, kh, kw, sh, oh, wp, gxp):
     """The adjoint of shifted_cols: gxp (C, Hp*Wp + kw) = the sum of cols' entries at their places. For
-    stride 1 the kw rows of one kernel row first add up in a short buffer that stays in the L1 cache."""
+    stride 1 the kw rows of one kernel row first add up in a buffer of one patch row, then go to gxp at once."""
     c = gxp.shape[0]
     run = oh * wp
     gxp[:] = 0
@@ -91,95 +95,129 @@ def shifted_cols_adjoint(cols, kh, kw, sh, oh, wp, gxp):
                             dst[t] += src[t]
 
 
+@kernel
+def unpad_image(xp, ph, pw, x):
+    """The inverse of pad_image: x (C, H, W) = the interior of xp (C, Hp*Wp + kw)."""
+    c, h, w = x.shape
+    wp = w + 2 * pw
+    for ci in range(c):
+        for r in range(h):
+            at = (r + ph) * wp + pw
+            src, dst = xp[ci, at:at + w], x[ci, r]
+            for q in range(w):
+                dst[q] = src[q]
+
+
+@kernel
+def _forward_images(x, w2, b, kh, kw, sh, sw, ph, pw, relu, lo, hi, y):
+    """conv2d_forward of images lo..hi-1 into y, with scratch of their own."""
+    _, c, h, w = x.shape
+    _, o, oh, ow = y.shape
+    wp = w + 2 * pw
+    xp = np.empty((c, (h + 2 * ph) * wp + kw), x.dtype)
+    cols = np.empty((c * kh * kw, oh * wp), x.dtype)
+    wide = np.empty((o, oh * wp), x.dtype)
+    for bi in range(lo, hi):
+        pad_image(x[bi], ph, pw, kw, xp)
+        shifted_cols(xp, kh, kw, sh, oh, wp, cols)
+        np.dot(w2, cols, wide)
+        for oi in range(o):
+            bias = b[oi]
+            for r in range(oh):
+                dst = y[bi, oi, r]
+                if sw == 1 and relu:  # a contiguous slice: the loop vectorises
+                    run = wide[oi, r * wp:r * wp + ow]
+                    for q in range(ow):
+                        v = run[q] + bias
+                        dst[q] = v if v > 0 else v * 0  # v * 0 keeps NaN, as torch.relu
+                    continue
+                src = wide[oi, r * wp:r * wp + (ow - 1) * sw + 1:sw]
+                for q in range(ow):
+                    v = src[q] + bias
+                    dst[q] = v if (v > 0) | (not relu) else v * 0
+
+
 @parallel_kernel
 def conv2d_forward(x, w2, b, kh, kw, sh, sw, ph, pw, relu, parts):
     """x (N, C, H, W), w2 (O, C*kh*kw), b (O,) -> y (N, O, OH, OW) = conv(x, w) + b, relu fused when relu."""
-    n, c, h, w = x.shape
-    o = w2.shape[0]
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
+    n, _, h, w = x.shape
+    y = np.empty((n, w2.shape[0], conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)), x.dtype)
+    if parts == 1:  # no parallel region at all: BLAS may then use threads of its own
+        _forward_images(x, w2, b, kh, kw, sh, sw, ph, pw, relu, 0, n, y)
+    else:
+        for part in prange(parts):
+            _forward_images(x, w2, b, kh, kw, sh, sw, ph, pw, relu, part * n // parts, (part + 1) * n // parts, y)
+    return y
+
+
+# The weight gradient as OpenBLAS computes it faster (measured; see the commit that chose this): g @ cols.T
+# for a few output channels over short patches, else transposed, cols @ g.T, with g.T an array of its own.
+THIN_MAX_CHANNELS, THIN_MAX_PATCH = 7, 160
+
+
+@kernel
+def _backward_images(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, lo, hi, gx, gwt, gb):
+    """conv2d_backward of images lo..hi-1: adds their weight gradient (transposed) into gwt (C*kh*kw, O) and
+    their bias gradient into gb (O,), and writes their input gradient into gx when need_x."""
+    _, c, h, w = x.shape
+    _, o, oh, ow = gy.shape
     wp = w + 2 * pw
-    y = np.empty((n, o, oh, ow), x.dtype)
-    for part in prange(parts):
-        xp = np.empty((c, (h + 2 * ph) * wp + kw), x.dtype)
-        cols = np.empty((c * kh * kw, oh * wp), x.dtype)
-        wide = np.empty((o, oh * wp), x.dtype)
-        for bi in range(part * n // parts, (part + 1) * n // parts):
+    ckk = c * kh * kw
+    thin = o <= THIN_MAX_CHANNELS and ckk <= THIN_MAX_PATCH
+    xp = np.empty((c, (h + 2 * ph) * wp + kw), x.dtype)
+    cols = np.empty((ckk, oh * wp), x.dtype)
+    g = np.zeros((o, oh * wp), gy.dtype)  # the dropped columns stay zero
+    gt = np.zeros((oh * wp, o), gy.dtype)
+    gwt_image = np.empty((ckk, o), gy.dtype)
+    gw_image = np.empty((o, ckk), gy.dtype)
+    gcols = np.empty((ckk, oh * wp), gy.dtype)
+    for bi in range(lo, hi):
+        for oi in range(o):
+            total = 0.0
+            for r in range(oh):
+                src, out = gy[bi, oi, r], y[bi, oi, r]
+                end = r * wp + (ow - 1) * sw + 1
+                dst, dst_t = g[oi, r * wp:end:sw], gt[r * wp:end:sw, oi]
+                for q in range(ow):
+                    v = src[q]
+                    if relu:
+                        v = v if out[q] > 0 else v * 0
+                    dst[q] = v
+                    dst_t[q] = v
+                    total += v
+            gb[oi] += total
+        if need_w:
             pad_image(x[bi], ph, pw, kw, xp)
             shifted_cols(xp, kh, kw, sh, oh, wp, cols)
-            np.dot(w2, cols, wide)
-            for oi in range(o):
-                bias = b[oi]
-                for r in range(oh):
-                    dst = y[bi, oi, r]
-                    if sw == 1 and relu:  # a contiguous slice: the loop vectorises
-                        run = wide[oi, r * wp:r * wp + ow]
-                        for q in range(ow):
-                            v = run[q] + bias
-                            dst[q] = v if v > 0 else v * 0  # v * 0 keeps NaN, as torch.relu
-                        continue
-                    src = wide[oi, r * wp:r * wp + (ow - 1) * sw + 1:sw]
-                    for q in range(ow):
-                        v = src[q] + bias
-                        dst[q] = v if (v > 0) | (not relu) else v * 0
-    return y
+            if thin:
+                np.dot(g, cols.T, gw_image)
+                gwt += gw_image.T
+            else:
+                np.dot(cols, gt, gwt_image)
+                gwt += gwt_image
+        if need_x:
+            np.dot(w2.T, g, gcols)
+            shifted_cols_adjoint(gcols, kh, kw, sh, oh, wp, xp)
+            unpad_image(xp, ph, pw, gx[bi])
 
 
 @parallel_kernel
 def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, need_b, parts):
     """Gradients of conv2d_forward from gy (N, O, OH, OW): (gx (N, C, H, W), gw2 (O, C*kh*kw), gb (O,)),
     each with a first dimension of 0 when not needed (no patches are built without need_w, no patches'
-    gradient without need_x)."""
+    gradient without need_x). The threads' partial sums of gw2 and gb are added at the end."""
     n, c, h, w = x.shape
-    _, o, oh, ow = gy.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
-    ckk = c * kh * kw
-    # the weight gradient as OpenBLAS computes it faster (measured; see the commit that chose this): g @ cols.T
-    # for a few output channels over short patches, else transposed, cols @ g.T, with g.T an array of its own
-    thin = o < 8 and ckk <= 160
-    gwt_parts = np.zeros((parts, ckk, o), gy.dtype)
+    o = gy.shape[1]
+    gwt_parts = np.zeros((parts, c * kh * kw, o), gy.dtype)
     gb_parts = np.zeros((parts, o), np.float64)  # each bias gradient sums N*OH*OW terms: in float64
     gx = np.empty((n if need_x else 0, c, h, w), gy.dtype)
-    for part in prange(parts):
-        xp = np.empty((c, hp * wp + kw), x.dtype)
-        cols = np.empty((ckk, oh * wp), x.dtype)
-        g = np.zeros((o, oh * wp), gy.dtype)  # the dropped columns stay zero
-        gt = np.zeros((oh * wp, o), gy.dtype)
-        gwt = np.empty((ckk, o), gy.dtype)
-        gwb = np.empty((o, ckk), gy.dtype)
-        gcols = np.empty((ckk, oh * wp), gy.dtype)
-        for bi in range(part * n // parts, (part + 1) * n // parts):
-            for oi in range(o):
-                total = 0.0
-                for r in range(oh):
-                    src, out = gy[bi, oi, r], y[bi, oi, r]
-                    end = r * wp + (ow - 1) * sw + 1
-                    dst, dst_t = g[oi, r * wp:end:sw], gt[r * wp:end:sw, oi]
-                    for q in range(ow):
-                        v = src[q]
-                        if relu:
-                            v = v if out[q] > 0 else v * 0
-                        dst[q] = v
-                        dst_t[q] = v
-                        total += v
-                gb_parts[part, oi] += total
-            if need_w:
-                pad_image(x[bi], ph, pw, kw, xp)
-                shifted_cols(xp, kh, kw, sh, oh, wp, cols)
-                if thin:
-                    np.dot(g, cols.T, gwb)
-                    gwt_parts[part] += gwb.T
-                else:
-                    np.dot(cols, gt, gwt)
-                    gwt_parts[part] += gwt
-            if need_x:
-                np.dot(w2.T, g, gcols)
-                shifted_cols_adjoint(gcols, kh, kw, sh, oh, wp, xp)
-                for ci in range(c):
-                    for r in range(h):
-                        at = (r + ph) * wp + pw
-                        src, dst = xp[ci, at:at + w], gx[bi, ci, r]
-                        for q in range(w):
-                            dst[q] = src[q]
+    if parts == 1:  # no parallel region at all: BLAS may then use threads of its own
+        _backward_images(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 0, n, gx, gwt_parts[0],
+                         gb_parts[0])
+    else:
+        for part in prange(parts):
+            _backward_images(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, part * n // parts,
+                             (part + 1) * n // parts, gx, gwt_parts[part], gb_parts[part])
     for part in range(1, parts):
         gwt_parts[0] += gwt_parts[part]
     gw = np.ascontiguousarray(gwt_parts[0].T)
@@ -190,33 +228,44 @@ def conv2d_backward(x, w2, y, gy, relu, kh, kw, sh, sw, ph, pw, need_x, need_w, 
 
 
 @kernel
-def conv2d_direct(x, w, b, sh, sw, ph, pw):
-    """The same forward as plain loops over every output and kernel entry (no relu): a reference for tests."""
-    n, c, h, wd = x.shape
-    o, _, kh, kw = w.shape
-    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(wd, kw, sw, pw)
-    y = np.empty((n, o, oh, ow), x.dtype)
-    for bi in range(n):
-        for oi in range(o):
-            for r in range(oh):
-                for q in range(ow):
-                    total = b[oi]
-                    for ci in range(c):
-                        for i in range(kh):
-                            for j in range(kw):
-                                row, col = r * sh + i - ph, q * sw + j - pw
-                                if 0 <= row < h and 0 <= col < wd:
-                                    total += w[oi, ci, i, j] * x[bi, ci, row, col]
-                    y[bi, oi, r, q] = total
-    return y
-
-
-@kernel
 def _max_at(best, at, v, where):
     """(best, at) updated by the value v at where: v wins if greater, or NaN. Selects, not branches: on
     data, which of a window's values wins is a coin toss that a branch predictor loses."""
     take = (v > best) | (v != v)
     return (v if take else best), (where if take else at)
+
+
+@kernel
+def _maxpool_images(x, kh, kw, sh, sw, lo, hi, y, where):
+    """maxpool2d_forward of images lo..hi-1 into y and where."""
+    _, c, h, w = x.shape
+    _, _, oh, ow = y.shape
+    for bi in range(lo, hi):
+        for ci in range(c):
+            plane, y_plane, where_plane = x[bi, ci], y[bi, ci], where[bi, ci]
+            for r in range(oh):
+                if kh == 2 and kw == 2:  # the common window, unrolled
+                    end = (ow - 1) * sw + 1
+                    top_left, top_right = plane[r * sh, 0:end:sw], plane[r * sh, 1:end + 1:sw]
+                    bottom_left, bottom_right = plane[r * sh + 1, 0:end:sw], plane[r * sh + 1, 1:end + 1:sw]
+                    y_row, where_row = y_plane[r], where_plane[r]
+                    first = r * sh * w
+                    for q in range(ow):
+                        at = first + q * sw
+                        best, at_best = _max_at(top_left[q], at, top_right[q], at + 1)
+                        best, at_best = _max_at(best, at_best, bottom_left[q], at + w)
+                        best, at_best = _max_at(best, at_best, bottom_right[q], at + w + 1)
+                        y_row[q] = best
+                        where_row[q] = at_best
+                    continue
+                for q in range(ow):
+                    at = r * sh * w + q * sw
+                    best = plane[r * sh, q * sw]
+                    for i in range(kh):
+                        for j in range(kw):
+                            best, at = _max_at(best, at, plane[r * sh + i, q * sw + j], (r * sh + i) * w + q * sw + j)
+                    y_plane[r, q] = best
+                    where_plane[r, q] = at
 
 
 @parallel_kernel
@@ -228,47 +277,35 @@ def maxpool2d_forward(x, kh, kw, sh, sw, parts):
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     y = np.empty((n, c, oh, ow), x.dtype)
     where = np.empty((n, c, oh, ow), np.int32)
-    for part in prange(parts):
-        for b in range(part * n // parts, (part + 1) * n // parts):
-            for ci in range(c):
-                xp, yp, wp = x[b, ci], y[b, ci], where[b, ci]
-                for r in range(oh):
-                    if kh == 2 and kw == 2:  # the common window, unrolled
-                        end = (ow - 1) * sw + 1
-                        a, b_ = xp[r * sh, 0:end:sw], xp[r * sh, 1:end + 1:sw]
-                        c_, d = xp[r * sh + 1, 0:end:sw], xp[r * sh + 1, 1:end + 1:sw]
-                        ys, ws = yp[r], wp[r]
-                        first = r * sh * w
-                        for q in range(ow):
-                            at = first + q * sw
-                            best, at2 = _max_at(a[q], at, b_[q], at + 1)
-                            best, at2 = _max_at(best, at2, c_[q], at + w)
-                            best, at2 = _max_at(best, at2, d[q], at + w + 1)
-                            ys[q] = best
-                            ws[q] = at2
-                        continue
-                    for q in range(ow):
-                        at = r * sh * w + q * sw
-                        best = xp[r * sh, q * sw]
-                        for i in range(kh):
-                            for j in range(kw):
-                                best, at = _max_at(best, at, xp[r * sh + i, q * sw + j], (r * sh + i) * w + q * sw + j)
-                        yp[r, q] = best
-                        wp[r, q] = at
+    if parts == 1:
+        _maxpool_images(x, kh, kw, sh, sw, 0, n, y, where)
+    else:
+        for part in prange(parts):
+            _maxpool_images(x, kh, kw, sh, sw, part * n // parts, (part + 1) * n // parts, y, where)
     return y, where
+
+
+@kernel
+def _maxpool_grad_images(where, gy, lo, hi, gx):
+    """maxpool2d_backward of images lo..hi-1 into gx (N, C, H*W), zeroed here, on the thread that fills it."""
+    _, c, oh, ow = gy.shape
+    for bi in range(lo, hi):
+        gx[bi] = 0
+        for ci in range(c):
+            g_plane, where_plane, gy_plane = gx[bi, ci], where[bi, ci], gy[bi, ci]
+            for r in range(oh):
+                for q in range(ow):
+                    g_plane[where_plane[r, q]] += gy_plane[r, q]
 
 
 @parallel_kernel
 def maxpool2d_backward(where, gy, h, w, parts):
     """gx (N, C, H, W): each window's gradient added at its maximum (overlapping windows add up)."""
-    n, c, oh, ow = gy.shape
+    n, c = gy.shape[:2]
     gx = np.empty((n, c, h * w), gy.dtype)
-    for part in prange(parts):
-        for b in range(part * n // parts, (part + 1) * n // parts):
-            gx[b] = 0  # here rather than np.zeros: on this part's thread, just before the image is filled
-            for ci in range(c):
-                gp, wp, gyp = gx[b, ci], where[b, ci], gy[b, ci]
-                for r in range(oh):
-                    for q in range(ow):
-                        gp[wp[r, q]] += gyp[r, q]
+    if parts == 1:
+        _maxpool_grad_images(where, gy, 0, n, gx)
+    else:
+        for part in prange(parts):
+            _maxpool_grad_images(where, gy, part * n // parts, (part + 1) * n // parts, gx)
     return gx.reshape(n, c, h, w)

@@ -205,8 +205,18 @@ def torch_lenet(model):
 
 
 @needs_torch
+@pytest.mark.parametrize('policy', ['auto', 'blas'])
 @pytest.mark.parametrize('dtype, tol', [(np.float64, 1e-10), (np.float32, 1e-5)])
-def test_lenet_loss_and_every_gradient_equal_torch(dtype, tol, rng):
+def test_lenet_loss_and_every_gradient_equal_torch(dtype, tol, policy, rng):
+    """Under 'auto' the images are split over numba's threads; under 'blas' they run in one loop (no
+    parallel region) with BLAS on its own threads."""
+    from fastgrad.backend import threads_restored
+    with threads_restored():
+        fg.set_threads(policy)
+        _lenet_equals_torch(dtype, tol, rng)
+
+
+def _lenet_equals_torch(dtype, tol, rng):
     model = fg.LeNet(dtype=dtype, rng=5)
     for p in model.parameters():  # nonzero biases, so that their part of the maths is checked too
         p.value[...] += (0.1 * rng.standard_normal(p.shape)).astype(dtype)

@@ -49,7 +49,9 @@ class Trainer:
             self.step(self.x[idx], self.y[idx])
 
     def rate(self, images):
-        """Training images per second over the first `images` of the epoch."""
+        """Training images per second over the first `images` of the epoch, rounded down to whole batches
+        (a short last batch would be a shape the compiled step has not seen: it would trace inside the clock)."""
+        images = max(images // self.batch_size, 1) * self.batch_size
         start = time.perf_counter()
         self.epoch(images)
         return images / (time.perf_counter() - start)

@@ -23,7 +23,7 @@ class LeNetTrainer(Trainer):
         conv.warm(np.float32)
         if compiled:  # trace and compile both batch shapes (full and the epoch's short last) before timing
             self.epoch(5 * batch_size + len(x) % batch_size)
-        for start in range(0, 5 * batch_size, batch_size):  # compile and fault in buffers before timing
+        for start in range(0, 5 * batch_size, batch_size):  # eager steps: kernels compiled, buffers faulted in
             idx = self.order[start:start + batch_size]
             self.step(self.x[idx], self.y[idx])
 
