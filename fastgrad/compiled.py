@@ -38,7 +38,7 @@ import numba
 import numpy as np
 
 from . import backend, kernels, ops
-from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, _pair
+from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
 from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
 from .optim import SGD, Adam
@@ -656,8 +656,7 @@ def _reshape_backward(gen, ins, constants, needs, out, saved, g):
 def _conv2d_forward(gen, ins, constants, context, value):
     x, w, b = ins
     o, c, kh, kw = w.shape
-    sh, sw = _pair('Conv2d', 'stride', constants.get('stride', 1), 1)
-    ph, pw = _pair('Conv2d', 'padding', constants.get('padding', 0), 0)
+    (sh, sw), (ph, pw) = conv_geometry(constants.get('stride', 1), constants.get('padding', 0))
     relu = constants.get('activation') == 'relu'
     gen.conv_ops += 1
     xs = gen.new(gen.storage(x, value.dtype), x.shape, value.dtype)
@@ -682,9 +681,7 @@ def _conv2d_backward(gen, ins, constants, needs, out, saved, g):
 
 def _maxpool2d_forward(gen, ins, constants, context, value):
     (x,) = ins
-    kh, kw = _pair('MaxPool2d', 'kernel_size', constants['kernel_size'], 1)
-    stride = constants.get('stride')
-    sh, sw = (kh, kw) if stride is None else _pair('MaxPool2d', 'stride', stride, 1)
+    (kh, kw), (sh, sw) = pool_geometry(constants['kernel_size'], constants.get('stride'))
     gen.conv_ops += 1
     y, where = gen.fresh('y'), gen.fresh('where')
     gen.emit(f'{y}, {where} = _maxpool2d_forward({gen.storage(x, value.dtype)}, {kh}, {kw}, {sh}, {sw}, conv_parts)')

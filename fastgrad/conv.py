@@ -25,6 +25,17 @@ def _pair(op, name, value, minimum):
     return int(pair[0]), int(pair[1])
 
 
+def conv_geometry(stride, padding):
+    """A convolution's ((sh, sw), (ph, pw)) from its stride and padding constants (an int or a pair each)."""
+    return _pair('Conv2d', 'stride', stride, 1), _pair('Conv2d', 'padding', padding, 0)
+
+
+def pool_geometry(kernel_size, stride):
+    """A max-pool's ((kh, kw), (sh, sw)) from its constants; stride None is the kernel size."""
+    kernel = _pair('MaxPool2d', 'kernel_size', kernel_size, 1)
+    return kernel, (kernel if stride is None else _pair('MaxPool2d', 'stride', stride, 1))
+
+
 def _check_4d(op, name, a):
     if a.ndim != 4:
         raise ValueError(f'{op}: {name} must have 4 dimensions (NCHW), got shape {a.shape}')
@@ -42,7 +53,7 @@ class Conv2dOp(Op):
     def forward(context, x, w, b, *, stride=1, padding=0, activation=None):
         if activation not in (None, 'identity', 'relu'):
             raise ValueError(f"Conv2d: activation must be None or 'relu', not {activation!r}")
-        (sh, sw), (ph, pw) = _pair('Conv2d', 'stride', stride, 1), _pair('Conv2d', 'padding', padding, 0)
+        (sh, sw), (ph, pw) = conv_geometry(stride, padding)
         _check_4d('Conv2d', 'input', x)
         _check_4d('Conv2d', 'weight', w)
         o, c, kh, kw = w.shape
@@ -79,8 +90,7 @@ class MaxPool2dOp(Op):
 
     @staticmethod
     def forward(context, x, *, kernel_size, stride=None):
-        kh, kw = _pair('MaxPool2d', 'kernel_size', kernel_size, 1)
-        sh, sw = (kh, kw) if stride is None else _pair('MaxPool2d', 'stride', stride, 1)
+        (kh, kw), (sh, sw) = pool_geometry(kernel_size, stride)
         _check_4d('MaxPool2d', 'input', x)
         if x.shape[2] < kh or x.shape[3] < kw:
             raise ValueError(f'MaxPool2d: a {kh}x{kw} window does not fit input {x.shape}')
@@ -151,7 +161,7 @@ class Conv2d(Module):
         in_channels = _size('Conv2d', 'in_channels', in_channels)
         out_channels = _size('Conv2d', 'out_channels', out_channels)
         kh, kw = _pair('Conv2d', 'kernel_size', kernel_size, 1)
-        self.stride, self.padding = _pair('Conv2d', 'stride', stride, 1), _pair('Conv2d', 'padding', padding, 0)
+        self.stride, self.padding = conv_geometry(stride, padding)
         dtype = _float_dtype('Conv2d', dtype)
         rng = np.random.default_rng(rng)
         std = np.sqrt(2.0 / (in_channels * kh * kw))
@@ -179,8 +189,7 @@ class MaxPool2d(Module):
     """Max-pooling over kernel_size windows, `stride` apart (default kernel_size); see the MaxPool2d op."""
 
     def __init__(self, kernel_size, stride=None):
-        self.kernel_size = _pair('MaxPool2d', 'kernel_size', kernel_size, 1)
-        self.stride = self.kernel_size if stride is None else _pair('MaxPool2d', 'stride', stride, 1)
+        self.kernel_size, self.stride = pool_geometry(kernel_size, stride)
 
     def forward(self, x):
         return max_pool2d(x, self.kernel_size, self.stride)
