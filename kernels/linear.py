@@ -193,7 +193,7 @@ def act_bias_grad(y, g, code):
         for j in range(m):
             gb[j] += gz[i, j]
     gb_out = np.empty_like(g[0])
-    for j in range(m):  # not gb_out[:] = gb: its shape check compiles numba's string formatting (2 s cold)
+    for j in range(m):  # not gb_out[:] = gb: its shape check compiles numba's string formatting, slow cold
         gb_out[j] = gb[j]
     return gz, gb_out
 
