@@ -21,21 +21,24 @@ def synth_train():
     return x, y
 
 
-class Trainer:
-    """An MLP, its SGD optimizer (momentum 0.9, lr 0.01) and a fixed batch order, warmed up once; eager
-    (op by op) or compiled (fastgrad.compile, a whole epoch per call)."""
+def mlp(x, y, hidden, activation):
+    """The MLP for data x, y: x.shape[1] inputs, one output per class."""
+    return fg.MLP(x.shape[1], int(y.max()) + 1, hidden=hidden, activation=activation, rng=SEED)
 
-    def __init__(self, x, y, hidden, batch_size, activation, compiled=False):
+
+class Trainer:
+    """A model, its SGD optimizer (momentum 0.9, lr 0.01 unless given) and a fixed batch order, warmed up once;
+    eager (op by op) or compiled (fastgrad.compile, a whole epoch per call)."""
+
+    def __init__(self, x, y, model, batch_size, compiled=False, lr=0.01):
         self.x, self.y, self.batch_size = x, y, batch_size
-        model = fg.MLP(x.shape[1], int(y.max()) + 1, hidden=hidden, activation=activation, rng=SEED)
-        self.step = step = training_step(model, fg.SGD(model.parameters(), lr=0.01, momentum=0.9))
+        self.step = step = training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=0.9))
         self.compiled = fg.compile(step) if compiled else None
         self.order = np.random.default_rng(SEED).permutation(len(x))
         fg.warmup(np.float32)
-        if compiled:  # trace and compile both batch shapes (full and last) before timing
-            self.epoch()
-            self.epoch()
-        for start in range(0, 5 * batch_size, batch_size):  # compile and fault in buffers before timing
+        if compiled:  # trace and compile both batch shapes (full and the epoch's short last) before timing
+            self.epoch(5 * batch_size + len(x) % batch_size)
+        for start in range(0, 5 * batch_size, batch_size):  # eager steps: kernels compiled, buffers faulted in
             idx = self.order[start:start + batch_size]
             self.step(self.x[idx], self.y[idx])
 

@@ -1,6 +1,6 @@
 """Training throughput: one epoch of the MNIST MLP and of the synth task, as time, images/s and peak memory,
 eager (op by op) and compiled (fastgrad.compile, one call per epoch)."""
-from .common import BATCH_SIZES, Trainer, mnist_train, synth_train
+from .common import BATCH_SIZES, Trainer, mlp, mnist_train, synth_train
 
 
 class MNISTEpoch:
@@ -12,7 +12,8 @@ class MNISTEpoch:
     timeout = 300
 
     def setup(self, hidden, batch_size, activation):
-        self.trainer = Trainer(*mnist_train(), hidden, batch_size, activation)
+        x, y = mnist_train()
+        self.trainer = Trainer(x, y, mlp(x, y, hidden, activation), batch_size)
 
     def time_epoch(self, hidden, batch_size, activation):
         self.trainer.epoch()
@@ -28,7 +29,8 @@ class MNISTEpochMemory:
     param_names = ['hidden', 'batch_size', 'activation']
 
     def setup(self, hidden, batch_size, activation):
-        self.trainer = Trainer(*mnist_train(), hidden, batch_size, activation)
+        x, y = mnist_train()
+        self.trainer = Trainer(x, y, mlp(x, y, hidden, activation), batch_size)
 
     def peakmem_epoch(self, hidden, batch_size, activation):
         self.trainer.epoch()
@@ -42,7 +44,8 @@ class SynthEpoch:
     repeat = (3, 10, 20.0)
 
     def setup(self, batch_size, activation):
-        self.trainer = Trainer(*synth_train(), [8], batch_size, activation)
+        x, y = synth_train()
+        self.trainer = Trainer(x, y, mlp(x, y, [8], activation), batch_size)
 
     def time_epoch(self, batch_size, activation):
         self.trainer.epoch()
@@ -65,7 +68,7 @@ class CompiledEpoch:
 
     def setup(self, data, batch_size):
         x, y = mnist_train() if data == 'mnist' else synth_train()
-        self.trainer = Trainer(x, y, [300] if data == 'mnist' else [8], batch_size, 'relu', compiled=True)
+        self.trainer = Trainer(x, y, mlp(x, y, [300] if data == 'mnist' else [8], 'relu'), batch_size, compiled=True)
 
     def time_epoch(self, data, batch_size):
         self.trainer.epoch()
