@@ -46,16 +46,25 @@ def log_softmax_backward(logp, g):
     return gx
 
 
+# The rows' softmax denominators (each between 1 and the number of classes) are multiplied together and
+# their log taken once the product passes LOG_PRODUCT_MAX, instead of one log per row.
+LOG_PRODUCT_MAX = 1e280
+
+
 @kernel
 def cross_entropy_forward(logits, targets):
     """Summed negative log-likelihood of targets under softmax(logits) (float64), the probabilities, and
-    the position of the first target outside [0, classes) (-1 if none; nothing is computed then)."""
+    the position of the first target outside [0, classes) (-1 if none; nothing is computed then).
+
+    exp runs in the logits' dtype, sums in float64. A compiled step's small layers write the same arithmetic
+    out as loops (fastgrad/compiled.py, _loop_cross_entropy)."""
     n, c = logits.shape
     probs = np.empty_like(logits)
     total = 0.0
     for i in range(n):
         if targets[i] < 0 or targets[i] >= c:
             return total, probs, i
+    product = 1.0
     for i in range(n):
         mx = logits[i, 0]
         for j in range(1, c):
@@ -63,13 +72,17 @@ def cross_entropy_forward(logits, targets):
                 mx = logits[i, j]
         s = 0.0
         for j in range(c):
-            e = np.exp(np.float64(logits[i, j]) - mx)
+            e = np.exp(logits[i, j] - mx)
             probs[i, j] = e
             s += e
         for j in range(c):
             probs[i, j] = probs[i, j] / s
-        total += mx + np.log(s) - logits[i, targets[i]]
-    return total, probs, -1
+        total += np.float64(mx) - logits[i, targets[i]]
+        product *= s
+        if product > LOG_PRODUCT_MAX:
+            total += np.log(product)
+            product = 1.0
+    return total + np.log(product), probs, -1
 
 
 @kernel

@@ -168,6 +168,23 @@ def test_softmax_family(dtype, shape, scale):
                                **TOL[dtype])
 
 
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_cross_entropy_takes_the_log_of_many_rows_denominators_at_once(dtype):
+    """The rows' softmax denominators are multiplied and their log taken when the product passes
+    LOG_PRODUCT_MAX: 3000 rows of 1000 equal logits (each denominator 1000) pass it ten times."""
+    rng = np.random.default_rng(9)
+    x = np.zeros((3000, 1000), dtype)
+    x[:, 0] = rng.standard_normal(3000)  # and one row of each kind that a product can trip on
+    x[5] = np.inf
+    targets = rng.integers(0, 1000, 3000)
+    total, probs, _ = kernels.cross_entropy_forward(x[6:], targets[6:])
+    ref = log_softmax_ref(x[6:].astype(np.float64))
+    np.testing.assert_allclose(total, -ref[np.arange(2994), targets[6:]].sum(),
+                               rtol=1e-7 if dtype == np.float32 else 1e-12)  # exp in float32 for float32 logits
+    total, probs, _ = kernels.cross_entropy_forward(x, targets)  # an inf logit: NaN, as torch gives
+    assert np.isnan(total)
+
+
 def test_cross_entropy_reports_a_bad_target():
     _, _, bad = kernels.cross_entropy_forward(np.zeros((3, 4)), np.array([0, 4, 1]))
     assert bad == 1
