@@ -1,7 +1,7 @@
 """In-place optimizer updates on flattened (1-D, contiguous) parameter views: torch.optim's rules.
 
 Every rule runs through one launcher, `update`, serial or split over `parts` threads: an update rule is
-an inline loop over a slice (below), a code in RULES, and a branch in `_apply`. Hyperparameters arrive as
+an inline loop over a slice (below), a code in RULES, and a branch in `apply_update`. Hyperparameters arrive as
 one small array of the parameter's dtype (one argument, not six: each costs the dispatcher time), so a
 float32 update stays in float32 and the loops vectorise; the branches sit outside the loops for the same
 reason. Each element is updated by exactly one thread with the
@@ -51,7 +51,9 @@ def _adam(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt
 
 
 @njit(inline='always')
-def _apply(rule, p, g, s1, s2, h):
+def apply_update(rule, p, g, s1, s2, h):
+    """One parameter's update on this thread, inlined where it is called (a compiled step calls it for each
+    parameter too small to split, so that no kernel call remains per parameter)."""
     if rule == ADAM:
         _adam(p, g, s1, s2, h[0], h[1], h[2], h[3], h[4], h[5])
     else:
@@ -60,7 +62,7 @@ def _apply(rule, p, g, s1, s2, h):
 
 @kernel
 def update_serial(rule, p, g, s1, s2, h):
-    _apply(rule, p, g, s1, s2, h)
+    apply_update(rule, p, g, s1, s2, h)
 
 
 @parallel_kernel
@@ -70,7 +72,7 @@ def update_parallel(rule, p, g, s1, s2, h, parts):
         lo, hi = n * t // parts, n * (t + 1) // parts
         # a state that is not used (SGD without momentum) is empty: its slice stays empty
         a, b = s1[min(lo, s1.shape[0]):min(hi, s1.shape[0])], s2[min(lo, s2.shape[0]):min(hi, s2.shape[0])]
-        _apply(rule, p[lo:hi], g[lo:hi], a, b, h)
+        apply_update(rule, p[lo:hi], g[lo:hi], a, b, h)
 
 
 def update(rule, p, g, s1, s2, hyper, parts=1):
