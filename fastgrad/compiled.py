@@ -1,12 +1,14 @@
 """fastgrad.compile: a training step traced once, then run as one call into numba.
 
-The first call of a compiled step runs it eagerly (it is a real step) while a recorder notes every built-in
-op applied, every backward(), zero_grad() and optimizer step(). From that record the step is written out
-as the source of one numba function: forward, backward and the optimizer updates, calling the same kernels
-the eager ops call, with every shape known at trace time written in as a constant. The source goes to a
-cache folder and is imported from there, so numba's cache serves the next process too. Later calls with
-arrays of the same shapes and dtypes run that function; a new shape or dtype traces again (an eager step
-again) and is kept beside the first.
+The first call of a compiled step runs it eagerly while a recorder notes every built-in op applied, every
+backward(), zero_grad() and optimizer step(). From that record the step is written out as the source of one
+numba function: forward, backward and the optimizer updates, calling the same kernels the eager ops call,
+with every shape known at trace time written in as a constant; small dense layers are written out as loops
+instead (LOOP_MAX_WEIGHT). The source goes to a cache folder and is imported from there, so numba's cache
+serves the next process too. The traced run is then undone (parameters and optimizer state put back in
+place) and the compiled function takes that first step as it takes every later one, so no result depends
+on which call traced. Later calls with arrays of the same shapes and dtypes run that function; a new shape
+or dtype traces again and is kept beside the first.
 
 What a compiled step captures, and what it reads anew on every call:
 - parameters (nodes that require a gradient) by identity: their current arrays are passed in on every
@@ -24,7 +26,9 @@ What a compiled step captures, and what it reads anew on every call:
 - thread counts are the backend's at each call, as the eager ops ask for them (backend.conv_parts only for a
   step with conv or pooling ops: under 'auto' it hands the cores to numba, as an eager convolution does).
 After a compiled call, each parameter's `.grad` holds that call's gradient, as after an eager step (or
-None where the step ends with zero_grad()). An op without a compiled form (a user-defined Op, whose
+None where the step ends with zero_grad()). Values that do not outlive a call live in scratch buffers made
+once per traced program (so one compiled step must not run in two threads at once); what a call returns
+and leaves in `.grad` is its own. An op without a compiled form (a user-defined Op, whose
 forward and backward are Python) makes the trace raise a TypeError that names it.
 """
 import hashlib
@@ -41,6 +45,7 @@ from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
 from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
+from .kernels.softmax import LOG_PRODUCT_MAX
 from .optim import SGD, Adam
 
 __all__ = ['compile', 'CompiledStep']
@@ -55,6 +60,7 @@ class Recorder:
     def __init__(self):
         self.events = []  # ('op', cls, inputs, constants, context, outputs) | ('backward', root) | ...
         self.first_values = {}  # id(parameter) -> (parameter, its value when first used)
+        self.states = {}  # id(optimizer) -> (optimizer, {parameter: its state before the first step()})
 
     def remember(self, inputs):
         for node in inputs:
@@ -72,7 +78,27 @@ class Recorder:
         self.events.append(('zero_grad', list(nodes)))
 
     def step(self, optimizer):
+        if not any(e[0] == 'step' and e[1] is optimizer for e in self.events):
+            self.states[id(optimizer)] = (optimizer, {
+                p: {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in optimizer.state[p].items()}
+                for p in optimizer.params if p in optimizer.state})
         self.events.append(('step', optimizer))
+
+    def undo(self):
+        """Puts the parameters and the optimizers' state back as they were before the traced run (arrays in
+        place, so that every reference to them stays valid), for the compiled program to take the step."""
+        for node, first in self.first_values.values():
+            np.copyto(node.value, first)
+        for optimizer, before in self.states.values():
+            for p in optimizer.params:
+                state, old = optimizer.state.get(p, {}), before.get(p, {})
+                for name in list(state):
+                    if isinstance(state[name], np.ndarray):
+                        np.copyto(state[name], old[name] if name in old else 0)
+                    elif name in old:
+                        state[name] = old[name]
+                    else:
+                        del state[name]
 
 
 class TraceError(TypeError):
@@ -96,6 +122,8 @@ class Var:
         self.contiguous = contiguous  # C-contiguous (or a scalar)
         self.transposed = False       # a parameter passed in as its transpose (see Generator.storage)
         self.storage_of = None        # a gradient available in its parameter's storage layout as storage_name
+        self.by_feature = None        # a 2-D value also held transposed, (features, rows), C-contiguous: that name
+        self.scratch = False          # lives in a scratch buffer that the next call overwrites: copied if returned
 
     @property
     def scalar(self):
@@ -122,6 +150,9 @@ class Generator:
         self.recorder = recorder
         self.sparse_layers = 0
         self.conv_ops = 0         # convolutions and max-poolings: the step then takes conv_parts threads
+        self.loop_layers = 0      # small dense layers written out as loops (see LOOP_MAX_WEIGHT)
+        self.scratch_specs = []   # (shape, dtype) of each scratch buffer W0, W1, ... the step is passed
+        self.hyper = {}           # (optimizer, group, dtype) -> name of its SGD hyperparameter array
 
     # names and lines
     def fresh(self, prefix='v'):
@@ -209,6 +240,25 @@ class Generator:
         if dtype is not None and np.dtype(dtype) != var.dtype:
             expr = f'{expr}.astype({_dtype_name(dtype)})'
         return expr
+
+    def scratch(self, shape, dtype):
+        """The name of a new scratch buffer: an array of this shape and dtype made once per traced program and
+        passed to every call, for values that do not outlive a call."""
+        self.scratch_specs.append((tuple(shape), np.dtype(dtype)))
+        return f'W{len(self.scratch_specs) - 1}'
+
+    def by_feature(self, var, dtype):
+        """The name of var's 2-D value transposed, (features, rows), C-contiguous, of `dtype`."""
+        if var.by_feature is not None and np.dtype(dtype) == var.dtype:
+            return var.by_feature
+        if var.transposed and np.dtype(dtype) == var.dtype:
+            return var.name  # a parameter passed in as its transpose
+        rows, features = var.shape
+        xt = self.scratch((features, rows), dtype)
+        self.emit(f'for f in range({features}):')
+        self.emit(f'    for r in range({rows}):')
+        self.emit(f'        {xt}[f, r] = {var.name}[r, f]')
+        return xt
 
     def weight_t(self, var, dtype=None):
         """An expression for var.T, C-contiguous (free for a parameter stored transposed)."""
@@ -335,9 +385,13 @@ class Generator:
                         buf = self.state_arg(optimizer, p, 'momentum_buffer')
                     else:
                         buf = f'{flat_p}[:0]'
+                    key = (o, gi, dtype)
+                    if key not in self.hyper:  # one array per group and dtype, made once a step
+                        self.hyper[key] = self.new(f'np.array(({dtype}({h}[0]), {dtype}({h}[1]), {dtype}({h}[2]), '
+                                                   f'{dtype}(0), {dtype}(0), {dtype}(0)))', (6,), pvar.dtype,
+                                                   prefix='hyper').name
                     call = (f'{{}}(np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]}), '
-                            f'{flat_p}, {flat_g}, {buf}, {flat_p}[:0], np.array(({dtype}({h}[0]), {dtype}({h}[1]), '
-                            f'{dtype}({h}[2]), {dtype}(0), {dtype}(0), {dtype}(0))){{}})')
+                            f'{flat_p}, {flat_g}, {buf}, {flat_p}[:0], {self.hyper[key]}{{}})')
                 else:
                     m, v = self.state_arg(optimizer, p, 'exp_avg'), self.state_arg(optimizer, p, 'exp_avg_sq')
                     k = self.state_index[id(optimizer), id(p), 'step']
@@ -352,9 +406,9 @@ class Generator:
                     self.emit('if update_parts > 1:')
                     self.emit('    ' + call.format('update_parallel', ', update_parts'))
                     self.emit('else:')
-                    self.emit('    ' + call.format('update_serial', ''))
+                    self.emit('    ' + call.format('apply_update', ''))
                 else:
-                    self.emit(call.format('update_serial', ''))
+                    self.emit(call.format('apply_update', ''))
 
     def state_arg(self, optimizer, p, name):
         """The name of the argument that passes optimizer.state[p][name] (Adam's step count comes with its
@@ -367,13 +421,16 @@ class Generator:
                 self.state_arg(optimizer, p, 'step')
         return f'S{self.state_index[key]}'
 
-    def stored_grad(self, g, pvar):
-        """g as a C-contiguous array in the layout of pvar's storage (its transpose for a transposed one)."""
+    def stored_grad(self, g, pvar, returned=False):
+        """g as a C-contiguous array in the layout of pvar's storage (its transpose for a transposed one);
+        `returned`: never in a scratch buffer."""
         if g.storage_of is pvar:  # already in the storage layout (the Linear op's weight)
-            return g.storage_name
-        if pvar.transposed:
-            return f'np.ascontiguousarray({g.name}.T)'
-        return g.name if g.contiguous else f'np.ascontiguousarray({g.name})'
+            expr = g.storage_name
+        elif pvar.transposed:
+            expr = f'np.ascontiguousarray({g.name}.T)'
+        else:
+            expr = g.name if g.contiguous else f'np.ascontiguousarray({g.name})'
+        return f'{expr}.copy()' if returned and g.scratch else expr
 
     def flat_grad(self, g, pvar):
         """g as a flat C-contiguous array in the memory order of pvar's storage."""
@@ -457,13 +514,16 @@ def _linear_forward(gen, ins, constants, context, value):
     x, w, b = ins
     code = kernels.ACTIVATION_CODES[constants.get('activation')]
     n = x.shape[0]
+    sparse = not context['needs_input_grad'][0] and x.shape[0] * x.shape[1] >= SPARSE_MIN_SIZE
+    if not sparse and w.shape[0] * w.shape[1] <= LOOP_MAX_WEIGHT:
+        return _loop_linear_forward(gen, x, w, b, code, value)
     xs = gen.new(gen.storage(x, value.dtype), x.shape, value.dtype)
     wt = gen.new(gen.weight_t(w, value.dtype), (w.shape[1], w.shape[0]), value.dtype, prefix='wt')
     bf = gen.new(f'{gen.storage(b, value.dtype)}.reshape(-1)', (w.shape[0],), value.dtype)
     y, cols, count, sp = gen.fresh('y'), gen.fresh('cols'), gen.fresh('count'), gen.fresh('sparse')
     relu = code == kernels.RELU
     # the sparse path as eager takes it: an input that needs no gradient, big and sparse enough
-    if not context['needs_input_grad'][0] and x.shape[0] * x.shape[1] >= SPARSE_MIN_SIZE:
+    if sparse:
         gen.sparse_layers += 1
         block = sparse_block(w.shape[1], w.shape[0], np.dtype(value.dtype).itemsize)
         gen.emit(f'{sp} = sparse_parts > 0 and _nonzero_share({xs.name}, {min(SAMPLE_ROWS, n)}) <= {SPARSE_MAX_DENSITY}')
@@ -482,6 +542,8 @@ def _linear_forward(gen, ins, constants, context, value):
 
 
 def _linear_backward(gen, ins, constants, needs, out, saved, g):
+    if saved[0] == 'loops':
+        return _loop_linear_backward(gen, ins, needs, out, saved, g)
     x, w, b = ins
     xs, wt, code, cols, count, sp = saved
     need_x, need_w, need_b = needs
@@ -508,6 +570,115 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
     return gxv, gwv, gbv
 
 
+# -- small dense layers as loops. A layer whose weight has at most LOOP_MAX_WEIGHT entries (the synth MLPs,
+# 2-8-2) spends its time in the calls of a BLAS kernel, not in arithmetic: it is written out as loops with its
+# shapes as constants, on values held transposed, (features, rows), so that every inner loop runs over the
+# rows of the batch and vectorises. Its input, output and gradients then stay transposed from layer to layer
+# and into the cross-entropy after it (Var.by_feature). The step is compiled with fastmath 'reassoc' and
+# 'contract' so that the sums over the batch vectorise too: such a step agrees with eager to rounding (the
+# README says how closely), not bit for bit.
+LOOP_MAX_WEIGHT = 256
+LOOP_FASTMATH = {'reassoc', 'contract'}
+
+
+def _activation_expr(code, v):
+    """act(v) as the eager kernels compute it (relu keeps NaN)."""
+    if code == kernels.RELU:
+        return f'{v} if {v} > 0 else {v} * 0'
+    if code == kernels.SIGMOID:
+        return f'1 / (1 + np.exp(-{v}))'
+    if code == kernels.TANH:
+        return f'np.tanh({v})'
+    return v
+
+
+def _derivative_expr(code, y):
+    """act' from the output y, as kernels.act_derivative."""
+    if code == kernels.RELU:
+        return f'({y} * 0 + 1 if {y} > 0 else {y} * 0)'
+    if code == kernels.SIGMOID:
+        return f'{y} * (1 - {y})'
+    if code == kernels.TANH:
+        return f'(1 - {y} * {y})'
+    return None
+
+
+def _loop_linear_forward(gen, x, w, b, code, value):
+    rows, (outs, ins) = x.shape[0], w.shape
+    gen.loop_layers += 1
+    xt = gen.by_feature(x, value.dtype)
+    wt = gen.new(gen.weight_t(w, value.dtype), (ins, outs), value.dtype, prefix='wt')
+    bf = gen.new(f'{gen.storage(b, value.dtype)}.reshape(-1)', (outs,), value.dtype)
+    zt = gen.scratch((outs, rows), value.dtype)
+    gen.emit(f'for j in range({outs}):')
+    gen.emit(f'    bj = {bf.name}[j]')
+    gen.emit(f'    for r in range({rows}):')
+    gen.emit(f'        {zt}[j, r] = bj')
+    gen.emit(f'    for f in range({ins}):')
+    gen.emit(f'        wfj = {wt.name}[f, j]')
+    gen.emit(f'        for r in range({rows}):')
+    gen.emit(f'            {zt}[j, r] += wfj * {xt}[f, r]')
+    if code != kernels.IDENTITY:
+        gen.emit(f'    for r in range({rows}):')
+        gen.emit(f'        v = {zt}[j, r]')
+        gen.emit(f'        {zt}[j, r] = {_activation_expr(code, "v")}')
+    return _transposed_var(zt, value.shape, value.dtype), ('loops', xt, wt, zt, code)
+
+
+def _transposed_var(name, shape, dtype):
+    """The value whose transpose is the scratch buffer `name`."""
+    var = Var(f'{name}.T', shape, dtype, contiguous=False)
+    var.by_feature, var.scratch = name, True
+    return var
+
+
+def _loop_linear_backward(gen, ins, needs, out, saved, g):
+    x, w, b = ins
+    _, xt, wt, zt, code = saved
+    need_x, need_w, need_b = needs
+    rows, (outs, n_in) = x.shape[0], w.shape
+    dtype = _dtype_name(out.dtype)
+    gt = gen.by_feature(g, out.dtype)
+    derivative = _derivative_expr(code, f'{zt}[j, r]')
+    gz = gen.scratch((outs, rows), out.dtype) if derivative else gt
+    gb, gwt = gen.fresh('gb'), gen.fresh('gwt')
+    gen.emit(f'{gb} = np.empty({outs}, {dtype})')
+    gen.emit(f'for j in range({outs}):')
+    gen.emit('    s = 0.0')  # in float64, as kernels.act_bias_grad
+    gen.emit(f'    for r in range({rows}):')
+    if derivative:
+        gen.emit(f'        v = {gt}[j, r] * {derivative}')
+        gen.emit(f'        {gz}[j, r] = v')
+        gen.emit('        s += v')
+    else:
+        gen.emit(f'        s += {gt}[j, r]')
+    gen.emit(f'    {gb}[j] = s')
+    gwv = None
+    if need_w:
+        gen.emit(f'{gwt} = np.empty(({n_in}, {outs}), {dtype})')
+        gen.emit(f'for f in range({n_in}):')
+        gen.emit(f'    for j in range({outs}):')
+        gen.emit(f'        s = {dtype}(0)')
+        gen.emit(f'        for r in range({rows}):')
+        gen.emit(f'            s += {xt}[f, r] * {gz}[j, r]')
+        gen.emit(f'        {gwt}[f, j] = s')
+        gwv = gen.new(f'{gwt}.T', w.shape, out.dtype, prefix='gw', contiguous=False)
+        if w.transposed:
+            gwv.storage_of, gwv.storage_name = w, gwt
+    gxv = None
+    if need_x:
+        gxt = gen.scratch((n_in, rows), out.dtype)
+        gen.emit(f'for f in range({n_in}):')
+        gen.emit(f'    for r in range({rows}):')
+        gen.emit(f'        {gxt}[f, r] = {wt.name}[f, 0] * {gz}[0, r]')
+        gen.emit(f'    for j in range(1, {outs}):')
+        gen.emit(f'        wfj = {wt.name}[f, j]')
+        gen.emit(f'        for r in range({rows}):')
+        gen.emit(f'            {gxt}[f, r] += wfj * {gz}[j, r]')
+        gxv = _transposed_var(gxt, x.shape, out.dtype)
+    gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
+    return gxv, gwv, gbv
+
 def _cross_entropy_forward(gen, ins, constants, context, value):
     (logits,) = ins
     if constants.get('reduction', 'mean') not in ('mean', 'sum'):
@@ -515,17 +686,67 @@ def _cross_entropy_forward(gen, ins, constants, context, value):
     targets = gen.argument(constants['targets'], 'CrossEntropy targets')
     total, probs, bad = gen.fresh('total'), gen.fresh('probs'), gen.fresh('bad')
     t = gen.integers(targets)
-    gen.emit(f'{total}, {probs}, {bad} = _cross_entropy_forward({gen.storage(logits, value.dtype)}, {t})')
+    transposed = logits.by_feature is not None and logits.dtype == value.dtype
+    if transposed:
+        probs = _loop_cross_entropy(gen, logits, t, total, bad)
+    else:
+        gen.emit(f'{total}, {probs}, {bad} = _cross_entropy_forward({gen.storage(logits, value.dtype)}, {t})')
     gen.emit(f'if {bad} >= 0:')
     gen.emit(f'    return {BAD_TARGET}, took_sparse, RESULT_ERROR, GRADS_ERROR')
     scale = f'{1.0 / max(logits.shape[0], 1)!r}' if constants.get('reduction', 'mean') == 'mean' else '1.0'
     loss = gen.new(f'{_dtype_name(value.dtype)}({total} * {scale})', (), value.dtype, prefix='loss')
-    return loss, (probs, t, scale)
+    return loss, (probs, t, scale, transposed)
 
 
 def _cross_entropy_backward(gen, ins, constants, needs, out, saved, g):
-    probs, t, scale = saved
-    return (gen.new(f'_cross_entropy_backward({probs}, {t}, np.float64({g.name}) * {scale})', ins[0].shape, out.dtype),)
+    probs, t, scale, transposed = saved
+    if not transposed:
+        return (gen.new(f'_cross_entropy_backward({probs}, {t}, np.float64({g.name}) * {scale})', ins[0].shape,
+                        out.dtype),)
+    rows, classes = ins[0].shape
+    gt, sc = gen.scratch((classes, rows), out.dtype), gen.fresh('sc')
+    gen.emit(f'{sc} = np.float64({g.name}) * {scale}')
+    gen.emit(f'for c in range({classes}):')
+    gen.emit(f'    for r in range({rows}):')
+    gen.emit(f'        {gt}[c, r] = {probs}[c, r] * {sc}')
+    gen.emit(f'for r in range({rows}):')
+    gen.emit(f'    {gt}[{t}[r], r] -= {sc}')
+    return (_transposed_var(gt, ins[0].shape, out.dtype),)
+
+
+def _loop_cross_entropy(gen, logits, t, total, bad):
+    """kernels.cross_entropy_forward written out for transposed logits; returns the name of the transposed
+    probabilities."""
+    rows, classes = logits.shape
+    zt = logits.by_feature
+    probs = gen.scratch((classes, rows), logits.dtype)
+    gen.emit(f'{bad} = -1')
+    gen.emit(f'for r in range({rows}):')
+    gen.emit(f'    if {t}[r] < 0 or {t}[r] >= {classes}:')
+    gen.emit(f'        {bad} = r')
+    gen.emit('        break')
+    gen.emit(f'{total} = 0.0')
+    gen.emit(f'if {bad} < 0:')
+    gen.emit('    product = 1.0')
+    gen.emit(f'    for r in range({rows}):')
+    gen.emit(f'        mx = {zt}[0, r]')
+    gen.emit(f'        for c in range(1, {classes}):')
+    gen.emit(f'            if {zt}[c, r] > mx:')
+    gen.emit(f'                mx = {zt}[c, r]')
+    gen.emit('        s = 0.0')
+    gen.emit(f'        for c in range({classes}):')
+    gen.emit(f'            e = np.exp({zt}[c, r] - mx)')
+    gen.emit(f'            {probs}[c, r] = e')
+    gen.emit('            s += e')
+    gen.emit(f'        for c in range({classes}):')
+    gen.emit(f'            {probs}[c, r] = {probs}[c, r] / s')
+    gen.emit(f'        {total} += np.float64(mx) - {zt}[{t}[r], r]')
+    gen.emit('        product *= s')
+    gen.emit(f'        if product > {LOG_PRODUCT_MAX!r}:')
+    gen.emit(f'            {total} += np.log(product)')
+    gen.emit('            product = 1.0')
+    gen.emit(f'    {total} += np.log(product)')
+    return probs
 
 
 def _activation(code):
@@ -731,7 +952,7 @@ from fastgrad.kernels.conv import (conv2d_backward as _conv2d_backward, conv2d_f
 from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
                                      dense_backward as _dense_backward, sparse_affine as _sparse_affine,
                                      sparse_weight_grad as _sparse_weight_grad)
-from fastgrad.kernels.optim import update_parallel, update_serial
+from fastgrad.kernels.optim import apply_update, update_parallel
 from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
                                       cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
                                       log_softmax_backward as _log_softmax_backward, softmax as _softmax)
@@ -811,6 +1032,8 @@ class Program:
         self.single = single
         self.has_sparse = gen.sparse_layers > 0
         self.has_conv = gen.conv_ops > 0
+        self.scratch_specs = list(gen.scratch_specs)
+        self.loop_layers = gen.loop_layers  # small dense layers written out as loops
         self.step = module.step
         self.epoch = getattr(module, 'epoch', None)
         self.source = module.__file__
@@ -867,6 +1090,7 @@ class Program:
                 self.steps.append(((opt, p), out[-1]))
                 continue
             out.append(opt.flat_buffer(p, name))  # in the parameter's memory order: its storage view's, flat
+        out += [np.empty(shape, dtype) for shape, dtype in self.scratch_specs]
         return out
 
     def finish(self, arrays, took_sparse, grads):
@@ -912,7 +1136,8 @@ class CompiledStep:
         key = tuple([(a.shape, a.dtype) for a in args])
         program, arrays = self._program(key)
         if program is None:
-            return self._trace(args, key)
+            self._trace(args, key)
+            program, arrays = self._program(key)
         call = (*args, *arrays, *_thread_args(program))
         if not program.step_ready:
             self._compile(program.step, call)
@@ -951,8 +1176,7 @@ class CompiledStep:
         gen.params = with_grad + [p for p in gen.params if gen.grads.get(id(p)) is None]
         module = _load_module(_source(gen, args, results, with_grad, epoch=len(args) == 2 and single))
         self.programs[key] = Program(gen, results, single, with_grad, module)
-        values = [np.asarray(n.value) for n in nodes]
-        return values[0] if single else tuple(values)
+        recorder.undo()  # the compiled program takes this step too, as it takes every other
 
     def run(self, x, y, batch_size, order=None):
         """One epoch of a step `fn(xb, yb)` that returns the loss: batches of `batch_size` rows of x and y,
@@ -1048,19 +1272,21 @@ def _source(gen, args, results, with_grad, epoch):
     for p in with_grad:
         pvar = gen.param_vars[id(p)]
         shape = pvar.shape[::-1] if pvar.transposed else pvar.shape
-        stored.append((gen.new(gen.stored_grad(gen.grads[id(p)], pvar), shape, pvar.dtype, prefix='rg')))
+        stored.append((gen.new(gen.stored_grad(gen.grads[id(p)], pvar, returned=True), shape, pvar.dtype, prefix='rg')))
     params = [f'a{i}' for i in range(len(args))]
     rest = [gen.param_vars[id(p)].name for p in gen.params]
     rest += [f'H{o}' for o in range(len(gen.optimizers))]
     rest += [f'S{k}' for k in range(len(gen.state_args))]
+    rest += [f'W{k}' for k in range(len(gen.scratch_specs))]
     rest += ['sparse_parts', 'update_parts', 'conv_parts']
     constants = ''.join(f'{name} = np.array({value.tolist()!r}, dtype=np.{value.dtype.name})\n'
                         for name, value in gen.constants.items())
-    result_tuple = '(' + ''.join(f'{r.name}, ' for r in results) + ')'
+    result_tuple = '(' + ''.join(f'{r.name}.copy(), ' if r.scratch else f'{r.name}, ' for r in results) + ')'
+    fastmath = f', fastmath={{{", ".join(map(repr, sorted(LOOP_FASTMATH)))}}}' if gen.loop_layers else ''
     grad_tuple = '(' + ''.join(f'{g.name}, ' for g in stored) + ')'
     source = (HEADER + '\n' + constants +
               '\n\n'
-              f"@njit(cache=True, error_model='numpy')\n"
+              f"@njit(cache=True, error_model='numpy'{fastmath})\n"
               f"def step({', '.join(params + rest)}):\n"
               f'    took_sparse = False\n'
               f'    RESULT_ERROR = ({"".join(_zeros(r) + ", " for r in results)})\n'
@@ -1069,18 +1295,26 @@ def _source(gen, args, results, with_grad, epoch):
               f'    return {OK}, took_sparse, {result_tuple}, {grad_tuple}\n')
     if epoch:
         call = ', '.join(['xb', 'yb'] + rest)
+        b = args[0].shape[0]
+        # each batch gathered into the same two arrays, row by row as flat runs (any number of dimensions)
+        gather = ''.join(f'        for r in range({b}):\n'
+                         f'            i = order[k * {b} + r]\n'
+                         f'            for q in range({a[0].size if len(a) else 1}):\n'
+                         f'                {v}f[r, q] = {src}f[i, q]\n' for v, src, a in (('xb', 'x', args[0]), ('yb', 'y', args[1])))
         source += (f"\n\n@njit(cache=True, error_model='numpy')\n"
                    f"def epoch(x, y, order, out, {', '.join(rest)}):\n"
-                   f'    b = {args[0].shape[0]}\n'
+                   f'    xb = np.empty({args[0].shape}, x.dtype)\n'
+                   f'    yb = np.empty({args[1].shape}, y.dtype)\n'
+                   f'    xf, yf = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)\n'
+                   f'    xbf, ybf = xb.reshape({b}, -1), yb.reshape({b}, -1)\n'
                    f'    took = False\n'
-                   f'    xb, yb = x[order[:b]], y[order[:b]]\n'
+                   f'    for k in range(1):\n' + gather +
                    f'    status, took_sparse, results, grads = step({call})\n'
                    f'    took = took or took_sparse\n'
                    f'    if status != {OK}:\n'
                    f'        return status, took, grads\n'
                    f'    out[0] = results[0]\n'
-                   f'    for k in range(1, order.shape[0] // b):\n'
-                   f'        xb, yb = x[order[k * b:(k + 1) * b]], y[order[k * b:(k + 1) * b]]\n'
+                   f'    for k in range(1, order.shape[0] // {b}):\n' + gather +
                    f'        status, took_sparse, results, grads = step({call})\n'
                    f'        took = took or took_sparse\n'
                    f'        if status != {OK}:\n'
