@@ -52,6 +52,7 @@ __all__ = ['compile', 'CompiledStep']
 
 # status codes the generated function returns first
 OK, BAD_TARGET = 0, 1
+ERROR_VALUES = 'ERROR_VALUES'  # where the generated step returns early: replaced by placeholder results and grads
 
 
 class Recorder:
@@ -692,7 +693,7 @@ def _cross_entropy_forward(gen, ins, constants, context, value):
     else:
         gen.emit(f'{total}, {probs}, {bad} = _cross_entropy_forward({gen.storage(logits, value.dtype)}, {t})')
     gen.emit(f'if {bad} >= 0:')
-    gen.emit(f'    return {BAD_TARGET}, took_sparse, RESULT_ERROR, GRADS_ERROR')
+    gen.emit(f'    return {BAD_TARGET}, took_sparse, {ERROR_VALUES}')
     scale = f'{1.0 / max(logits.shape[0], 1)!r}' if constants.get('reduction', 'mean') == 'mean' else '1.0'
     loss = gen.new(f'{_dtype_name(value.dtype)}({total} * {scale})', (), value.dtype, prefix='loss')
     return loss, (probs, t, scale, transposed)
@@ -1284,14 +1285,15 @@ def _source(gen, args, results, with_grad, epoch):
     result_tuple = '(' + ''.join(f'{r.name}.copy(), ' if r.scratch else f'{r.name}, ' for r in results) + ')'
     fastmath = f', fastmath={{{", ".join(map(repr, sorted(LOOP_FASTMATH)))}}}' if gen.loop_layers else ''
     grad_tuple = '(' + ''.join(f'{g.name}, ' for g in stored) + ')'
+    # what an early return gives instead (made only there: zeroing a big gradient every call costs)
+    error_values = (f'({"".join(_zeros(r) + ", " for r in results)}), '
+                    f'({"".join(_zeros(g) + ", " for g in stored)})')
     source = (HEADER + '\n' + constants +
               '\n\n'
               f"@njit(cache=True, error_model='numpy'{fastmath})\n"
               f"def step({', '.join(params + rest)}):\n"
               f'    took_sparse = False\n'
-              f'    RESULT_ERROR = ({"".join(_zeros(r) + ", " for r in results)})\n'
-              f'    GRADS_ERROR = ({"".join(_zeros(g) + ", " for g in stored)})\n'
-              + '\n'.join(gen.lines) + '\n'
+              + '\n'.join(gen.lines).replace(ERROR_VALUES, error_values) + '\n'
               f'    return {OK}, took_sparse, {result_tuple}, {grad_tuple}\n')
     if epoch:
         call = ', '.join(['xb', 'yb'] + rest)
