@@ -680,6 +680,7 @@ def _loop_linear_backward(gen, ins, needs, out, saved, g):
     gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
     return gxv, gwv, gbv
 
+
 def _cross_entropy_forward(gen, ins, constants, context, value):
     (logits,) = ins
     if constants.get('reduction', 'mean') not in ('mean', 'sum'):
