@@ -55,19 +55,23 @@ def activation_backward(y, g, code):
     return gx
 
 
+@njit(inline='always')
+def activate(v, code):
+    """act(v) for one value, for code that runs inside numba: sigmoid as 1 / (1 + exp(-v)), which overflows
+    to the right limit, 0; relu keeps NaN, as np.maximum."""
+    if code == SIGMOID:
+        return 1 / (1 + np.exp(-v))
+    if code == TANH:
+        return np.tanh(v)
+    if code == RELU:
+        return v if v > 0 else v * 0
+    return v
+
+
 @kernel
 def activate_loop(z, code):
-    """activate_inplace as a numba loop over a C-contiguous z, for code that runs inside numba (a compiled
-    step): sigmoid as 1 / (1 + exp(-z)), which overflows to the right limit, 0."""
+    """activate_inplace as a numba loop over a C-contiguous z (a compiled step's)."""
     flat = z.reshape(-1)
-    if code == SIGMOID:
-        for i in range(flat.shape[0]):
-            flat[i] = 1 / (1 + np.exp(-flat[i]))
-    elif code == TANH:
-        for i in range(flat.shape[0]):
-            flat[i] = np.tanh(flat[i])
-    elif code == RELU:
-        for i in range(flat.shape[0]):
-            v = flat[i]
-            flat[i] = v if not v < 0 else v * 0  # keeps NaN, as np.maximum
+    for i in range(flat.shape[0]):
+        flat[i] = activate(flat[i], code)
     return z
