@@ -86,12 +86,12 @@ class Recorder:
         self.events.append(('step', optimizer))
 
     def undo(self):
-        """Puts the parameters and the optimizers' state back as they were before the traced run (arrays in
-        place, so that every reference to them stays valid), for the compiled program to take the step."""
-        for node, first in self.first_values.values():
-            np.copyto(node.value, first)
+        """Puts the parameters the optimizers stepped and their state back as they were before the traced run
+        (arrays in place, so that every reference to them stays valid; nothing else may change in a step)."""
         for optimizer, before in self.states.values():
             for p in optimizer.params:
+                if id(p) in self.first_values:
+                    np.copyto(p.value, self.first_values[id(p)][1])
                 state, old = optimizer.state.get(p, {}), before.get(p, {})
                 for name in list(state):
                     if isinstance(state[name], np.ndarray):
@@ -258,7 +258,7 @@ class Generator:
         xt = self.scratch((features, rows), dtype)
         self.emit(f'for f in range({features}):')
         self.emit(f'    for r in range({rows}):')
-        self.emit(f'        {xt}[f, r] = {var.name}[r, f]')
+        self.emit(f'        {xt}[f, r] = {var.name}[f, r]' if var.transposed else f'        {xt}[f, r] = {var.name}[r, f]')
         return xt
 
     def weight_t(self, var, dtype=None):
@@ -339,8 +339,19 @@ class Generator:
         """Whether a zero_grad() after event `after` resets the node with id `key`."""
         return any(e[0] == 'zero_grad' and any(id(n) == key for n in e[1]) for e in self.recorder.events[after:])
 
+    def operand(self, var):
+        """var's value in an elementwise expression (a parameter passed in transposed is read through .T)."""
+        return f'{var.name}.T' if var.transposed else var.name
+
+    def elementwise(self, expr, shape, dtype, *operands):
+        """A new array from an elementwise expression of the operands: C-contiguous only when each array
+        operand is (on transposed views, such as a small layer's values, numba's result is laid out as they are)."""
+        contiguous = all(o.scalar or (o.contiguous and not o.transposed) for o in operands)
+        return self.new(expr, shape, dtype, contiguous=contiguous)
+
     def add(self, a, b):
-        return self.new(f'{a.name} + {b.name}', np.broadcast_shapes(a.shape, b.shape), np.result_type(a.dtype, b.dtype))
+        return self.elementwise(f'{self.operand(a)} + {self.operand(b)}', np.broadcast_shapes(a.shape, b.shape),
+                                np.result_type(a.dtype, b.dtype), a, b)
 
     def reduce_to(self, g, like):
         """g summed back to like's shape (undoing broadcasting), in like's dtype."""
@@ -360,7 +371,7 @@ class Generator:
         want = _grad_dtype(np.empty(0, like.dtype))
         if g.dtype != want:
             expr = f'{_dtype_name(want)}({g.name})' if g.scalar else f'{g.name}.astype({_dtype_name(want)})'
-            g = self.new(expr, shape, want)
+            g = self.elementwise(expr, shape, want, g)
         return g
 
     def optimizer_step(self, optimizer):
@@ -456,7 +467,7 @@ class Emitter:
 def _arith(symbol, grads):
     def forward(gen, ins, constants, context, value):
         a, b = ins
-        return gen.new(f'{a.name} {symbol} {b.name}', value.shape, value.dtype), None
+        return gen.elementwise(f'{gen.operand(a)} {symbol} {gen.operand(b)}', value.shape, value.dtype, a, b), None
 
     def backward(gen, ins, constants, needs, out, saved, g):
         return grads(gen, ins, needs, out, g)
@@ -468,19 +479,21 @@ def _add_grads(gen, ins, needs, out, g):
 
 
 def _sub_grads(gen, ins, needs, out, g):
-    return g, (gen.new(f'-{g.name}', g.shape, g.dtype) if needs[1] else None)
+    return g, (gen.elementwise(f'-{g.name}', g.shape, g.dtype, g) if needs[1] else None)
 
 
 def _mul_grads(gen, ins, needs, out, g):
     a, b = ins
-    return (gen.new(f'{g.name} * {b.name}', out.shape, out.dtype) if needs[0] else None,
-            gen.new(f'{g.name} * {a.name}', out.shape, out.dtype) if needs[1] else None)
+    x, y = gen.operand(a), gen.operand(b)
+    return (gen.elementwise(f'{g.name} * {y}', out.shape, out.dtype, g, b) if needs[0] else None,
+            gen.elementwise(f'{g.name} * {x}', out.shape, out.dtype, g, a) if needs[1] else None)
 
 
 def _div_grads(gen, ins, needs, out, g):
     a, b = ins
-    return (gen.new(f'{g.name} / {b.name}', out.shape, out.dtype) if needs[0] else None,
-            gen.new(f'-{g.name} * {a.name} / ({b.name} * {b.name})', out.shape, out.dtype) if needs[1] else None)
+    x, y = gen.operand(a), gen.operand(b)
+    return (gen.elementwise(f'{g.name} / {y}', out.shape, out.dtype, g, b) if needs[0] else None,
+            gen.elementwise(f'-{g.name} * {x} / ({y} * {y})', out.shape, out.dtype, g, a, b) if needs[1] else None)
 
 
 def _matmul_forward(gen, ins, constants, context, value):
@@ -772,10 +785,10 @@ def _sum_forward(gen, ins, constants, context, value):
     if constants.get('keepdims'):
         raise TraceError('fastgrad.compile: Sum with keepdims')
     if axis is None:
-        return gen.new(f'np.sum({x.name})', (), value.dtype), None
+        return gen.new(f'np.sum({gen.operand(x)})', (), value.dtype), None
     if not isinstance(axis, int):
         raise TraceError('fastgrad.compile: Sum over several axes')
-    return gen.new(f'np.sum({x.name}, axis={axis % len(x.shape)})', value.shape, value.dtype), None
+    return gen.new(f'np.sum({gen.operand(x)}, axis={axis % len(x.shape)})', value.shape, value.dtype), None
 
 
 def _sum_backward(gen, ins, constants, needs, out, saved, g):
@@ -795,7 +808,7 @@ def _select_forward(gen, ins, constants, context, value):
     out = gen.fresh('sel')
     gen.emit(f'{out} = np.empty({value.shape}, {_dtype_name(value.dtype)})')
     gen.emit(f'for i in range({value.shape[0]}):')
-    gen.emit(f'    {out}[i] = {x.name}[i, {idx}[i]]')
+    gen.emit(f'    {out}[i] = {gen.operand(x)}[i, {idx}[i]]')
     return Var(out, value.shape, value.dtype), idx
 
 
@@ -810,10 +823,11 @@ def _select_backward(gen, ins, constants, needs, out, saved, g):
 
 def _unary(expr, grad):
     def forward(gen, ins, constants, context, value):
-        return gen.new(expr.format(x=ins[0].name), value.shape, value.dtype), None
+        return gen.elementwise(expr.format(x=gen.operand(ins[0])), value.shape, value.dtype, ins[0]), None
 
     def backward(gen, ins, constants, needs, out, saved, g):
-        return (gen.new(grad.format(x=ins[0].name, y=out.name, g=g.name), out.shape, out.dtype),)
+        return (gen.elementwise(grad.format(x=gen.operand(ins[0]), y=out.name, g=g.name), out.shape, out.dtype,
+                                ins[0], out, g),)
     return Emitter(forward, backward)
 
 
@@ -826,7 +840,7 @@ def _expand_forward(gen, ins, constants, context, value):
     out = gen.fresh('ex')
     gen.emit(f'{out} = np.empty({value.shape}, {_dtype_name(value.dtype)})')
     gen.emit(f'for r in range({repeats}):')
-    gen.emit(f'    {out}[r, :] = {x.name}[0, :]' if dim == 0 else f'    {out}[:, r] = {x.name}[:, 0]')
+    gen.emit(f'    {out}[r, :] = {gen.operand(x)}[0, :]' if dim == 0 else f'    {out}[:, r] = {gen.operand(x)}[:, 0]')
     return Var(out, value.shape, value.dtype), dim
 
 
@@ -1137,7 +1151,15 @@ class CompiledStep:
             self.compile_seconds += time.perf_counter() - start
 
     def _trace_and_generate(self, args, key):
+        """Records the step by running it eagerly, writes and loads its program, and undoes the run (also when
+        the step raises or is refused): the program then takes the step as it takes every later one."""
         recorder = Recorder()
+        try:
+            self.programs[key] = self._generate(args, recorder)
+        finally:
+            recorder.undo()
+
+    def _generate(self, args, recorder):
         tracing.recorder = recorder
         try:
             result = self.fn(*args)
@@ -1155,8 +1177,7 @@ class CompiledStep:
         with_grad = [p for p in gen.params if gen.grads.get(id(p)) is not None]
         gen.params = with_grad + [p for p in gen.params if gen.grads.get(id(p)) is None]
         module = _load_module(_source(gen, args, results, with_grad, epoch=len(args) == 2 and single))
-        self.programs[key] = Program(gen, results, single, with_grad, module)
-        recorder.undo()  # the compiled program takes this step too, as it takes every other
+        return Program(gen, results, single, with_grad, module)
 
     def run(self, x, y, batch_size, order=None):
         """One epoch of a step `fn(xb, yb)` that returns the loss: batches of `batch_size` rows of x and y,

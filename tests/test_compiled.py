@@ -134,6 +134,79 @@ def test_run_is_the_loop_of_steps_with_a_short_last_batch():
         step_c.run(x, y, 0)
 
 
+def twins(build, loss_fn, *batch, steps=4):
+    """The same step eager and compiled on twin models: (eager parameters, compiled parameters)."""
+    out = []
+    for compiled in (False, True):
+        params = build()
+        opt = fg.SGD(params, lr=0.1, momentum=0.9)
+
+        def step(*arrays):
+            opt.zero_grad()
+            loss = loss_fn(params, *arrays)
+            loss.backward()
+            opt.step()
+            return loss
+        fn = fg.compile(step) if compiled else step
+        for _ in range(steps):
+            fn(*batch)
+        out.append(params)
+    return out
+
+
+def assert_twins(pair, rtol):
+    for p, q in zip(*pair):
+        assert_close(q.value, p.value, rtol)
+
+
+def test_small_heads_on_a_shared_trunk_and_ops_on_weights():
+    """Gradients of transposed values (small layers' and a Linear weight's) added, negated, multiplied:
+    each such expression's result is taken as it is laid out."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 20)).astype(np.float32)
+    ya, yb = rng.integers(0, 3, 32), rng.integers(0, 2, 32)
+
+    def build():
+        trunk, a, b = fg.Linear(20, 20, rng=0), fg.Linear(20, 3, rng=1), fg.Linear(20, 2, rng=2)
+        return trunk.parameters() + a.parameters() + b.parameters()
+
+    def loss(params, xb, ta, tb):
+        tw, tbias, aw, ab, bw, bb = params
+        h = fg.ops.Linear.do_forward(TensorNode(xb, requires_grad=False), tw, tbias, activation='relu')
+        la = fg.cross_entropy(fg.ops.Linear.do_forward(h, aw, ab), ta)
+        lb = fg.cross_entropy(fg.ops.Linear.do_forward(h, bw, bb), tb)
+        return la - (-lb) + (aw * aw).sum() * 0.01 + (tw / (tw * tw + 1)).sum(axis=0).sum() * 0.01
+    assert_twins(twins(build, loss, x, ya, yb), 1e-5)
+
+
+def test_a_parameter_of_another_dtype_into_a_small_layer():
+    y = np.random.default_rng(0).integers(0, 3, 16)
+
+    def build():  # a float64 parameter stored F-ordered, into a float32 layer written out as loops
+        return [TensorNode(np.asfortranarray(np.random.default_rng(3).standard_normal((16, 2))))] + \
+            fg.Linear(2, 3, rng=1).parameters()
+
+    def loss(params, yb):
+        return fg.cross_entropy(fg.ops.Linear.do_forward(*params), yb)
+    assert_twins(twins(build, loss, y), 1e-5)
+
+
+def test_a_read_only_batch_in_a_node_that_requires_grad():
+    """TensorNode(xb) requires a gradient by default; undoing the traced run touches only what the
+    optimizer stepped, never the batch."""
+    x = np.random.default_rng(0).standard_normal((16, 2)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    x.setflags(write=False)
+
+    def build():
+        return fg.MLP(2, 2, hidden=[8], rng=0).parameters()
+
+    def loss(params, xb, yb):
+        h = fg.ops.Linear.do_forward(TensorNode(xb), params[0], params[1], activation='relu')
+        return fg.cross_entropy(fg.ops.Linear.do_forward(h, params[2], params[3]), yb)
+    assert_twins(twins(build, loss, x, y), 1e-5)
+
+
 def test_values_a_step_returns_are_its_own():
     """Small layers keep their values in buffers that every call reuses: what a step returns (the logits
     too) and the gradients it leaves in .grad are arrays of their own, not overwritten by the next call."""
@@ -260,6 +333,7 @@ def test_an_op_without_a_compiled_form_is_refused_by_name(op):
 
     with pytest.raises(TraceError, match=f'the op {op.__name__} has no compiled form'):
         fg.compile(step)(np.ones((4, 2)))
+    np.testing.assert_array_equal(w.value, np.ones((2, 3)))  # the traced eager run is undone
 
 
 def test_what_a_compiled_step_cannot_keep_is_refused():
