@@ -79,7 +79,7 @@ class Recorder:
         self.events.append(('zero_grad', list(nodes)))
 
     def step(self, optimizer):
-        if not any(e[0] == 'step' and e[1] is optimizer for e in self.events):
+        if id(optimizer) not in self.states:  # its state before its first step
             self.states[id(optimizer)] = (optimizer, {
                 p: {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in optimizer.state[p].items()}
                 for p in optimizer.params if p in optimizer.state})

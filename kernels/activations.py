@@ -64,7 +64,7 @@ def activate(v, code):
     if code == TANH:
         return np.tanh(v)
     if code == RELU:
-        return v if v > 0 else v * 0
+        return v if not v < 0 else v * 0
     return v
 
 
@@ -72,6 +72,13 @@ def activate(v, code):
 def activate_loop(z, code):
     """activate_inplace as a numba loop over a C-contiguous z (a compiled step's)."""
     flat = z.reshape(-1)
-    for i in range(flat.shape[0]):
-        flat[i] = activate(flat[i], code)
+    if code == SIGMOID:  # a branch outside each loop, so that the relu loop vectorises
+        for i in range(flat.shape[0]):
+            flat[i] = activate(flat[i], SIGMOID)
+    elif code == TANH:
+        for i in range(flat.shape[0]):
+            flat[i] = activate(flat[i], TANH)
+    elif code == RELU:
+        for i in range(flat.shape[0]):
+            flat[i] = activate(flat[i], RELU)
     return z
