@@ -546,7 +546,7 @@ def _linear_forward(gen, ins, constants, context, value):
         gen.emit(f'    {y}, {cols}, {count} = _sparse_affine({xs.name}, {wt.name}, {bf.name}, {relu}, sparse_parts, {block})')
         gen.emit('else:')
         gen.emit(f'    {y} = _affine({xs.name}, {wt.name}, {bf.name}, {relu})')
-        gen.emit(f'    {cols}, {count} = np.empty((0, 0), np.int32), np.empty(0, np.int64)')
+        gen.emit(f'    {cols}, {count} = np.empty((0, 0, 0), np.int32), np.empty((0, 0), np.int64)')
     else:
         sp = cols = count = None
         gen.emit(f'{y} = _affine({xs.name}, {wt.name}, {bf.name}, {relu})')
@@ -570,7 +570,7 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
     else:
         gen.emit(f'if {sp}:')
         gen.emit(f'    {gz}, {gb} = _act_bias_grad({out.name}, {g.name}, {code})')
-        gen.emit(f'    {gwt} = _sparse_weight_grad({xs.name}, {cols}, {count}, {gz}, sparse_parts)')
+        gen.emit(f'    {gwt} = _sparse_weight_grad({xs.name}, {cols}, {count}, {gz})')
         gen.emit(f'    {gx} = _matmul({gz}, {wt.name}.T) if {need_x} else {g.name}[:0, :0].copy()')
         gen.emit('else:')
         gen.emit('    ' + dense)

@@ -51,11 +51,13 @@ def sparse_enough(x):
     return x.size >= SPARSE_MIN_SIZE and _nonzero_share(x, min(SAMPLE_ROWS, x.shape[0])) <= SPARSE_MAX_DENSITY
 
 
-# The sparse forward walks the input features in blocks, so that the weight rows of one block (at most
-# SPARSE_BLOCK_BYTES) stay in a core's L2 while every row of the batch adds its nonzeros from that block,
-# instead of each row fetching its weight rows from L3 again. A block of few weight rows (a very wide
-# layer) saves less than re-reading the output rows for every block costs: below SPARSE_MIN_BLOCK rows a
-# layer is one block.
+# Both sparse kernels split the input features into `parts`, one per thread, the same split as the
+# threaded optimizer update's (contiguous rows of wt), so that each core reads and writes only its own rows
+# of the weight, its gradient and its momentum: they stay in that core's L2 from one step to the next
+# instead of crossing between cores. Within its part, a thread walks the features in blocks, so that the
+# weight rows of one block (at most SPARSE_BLOCK_BYTES) stay in L2 while every row of the batch adds its
+# nonzeros from that block. A block of few weight rows (a very wide layer) saves less than re-reading the
+# output rows for every block costs: below SPARSE_MIN_BLOCK rows a part is one block.
 SPARSE_BLOCK_BYTES = 256 << 10
 SPARSE_MIN_BLOCK = 64
 
@@ -68,34 +70,42 @@ def sparse_block(n_in, m, itemsize):
 
 @parallel_kernel
 def sparse_affine(x, wt, b, relu, parts, block):
-    """x @ wt + b (relu fused) adding only the rows of wt that row i's nonzeros select; returns y and the
-    nonzeros it found, cols[i, :count[i]] (the columns where row i is nonzero, NaN included, in order).
+    """x @ wt + b (relu fused) adding only the rows of wt that the nonzeros of x select; returns y and the
+    nonzeros it found: part t's (input features n_in * t // parts up to the next part's) of row i are
+    cols[t, i, :count[t, i]] (in order, NaN included).
 
-    The rows of x are split into `parts`, one per thread; each thread walks the input features in blocks
-    of `block` (see SPARSE_BLOCK_BYTES) and adds, for each of its rows, the nonzeros that fall in the
-    block, four per pass over the output row, so that each 8-float block of it is loaded and stored once
-    for four weight rows."""
+    Each thread sums its part's nonzeros of every row into a partial output, four weight rows per pass over
+    the output row (each 8-float block of it loaded and stored once for four weight rows), part 0 starting
+    from the bias; then the rows add up their parts' partial outputs in order (so y's last bits depend on
+    the number of parts)."""
     n, n_in = x.shape
     m = wt.shape[1]
+    parts = max(1, min(n_in, parts))
+    width = -(-n_in // parts)
     y = np.empty((n, m), wt.dtype)
-    cols = np.empty((n, n_in), np.int32)
-    count = np.empty(n, np.int64)
-    parts = max(1, min(n, parts))
+    partial = np.empty((parts - 1, n, m), wt.dtype)
+    cols = np.empty((parts, n, width), np.int32)
+    count = np.empty((parts, n), np.int64)
     for t in prange(parts):
-        i0, i1 = n * t // parts, n * (t + 1) // parts
-        added = np.zeros(i1 - i0, np.int64)  # per row: how many of its nonzeros are in y already
-        for end in range(block, max(n_in, 1) + block, block):  # at least once: no inputs still need the bias
-            for i in range(i0, i1):
-                yi, xi, ci = y[i], x[i], cols[i]
-                if end == block:  # the row's first block: find its nonzeros, start from the bias
+        lo, hi = n_in * t // parts, n_in * (t + 1) // parts
+        out, ct = (y if t == 0 else partial[t - 1]), cols[t]
+        added = np.zeros(n, np.int64)  # per row: how many of its nonzeros are in the partial output already
+        for end in range(lo + block, max(hi, lo + 1) + block, block):  # at least once: no inputs still need the bias
+            for i in range(n):
+                yi, xi, ci = out[i], x[i], ct[i]
+                if end == lo + block:  # the row's first block: find its nonzeros, start from the bias or zero
                     c = 0
-                    for j in range(n_in):  # branch-free: write the index always, advance only past a nonzero
+                    for j in range(lo, hi):  # branch-free: write the index always, advance only past a nonzero
                         ci[c] = j
                         c += xi[j] != 0
-                    count[i] = c
-                    for k in range(m):
-                        yi[k] = b[k]
-                c, p = count[i], added[i - i0]
+                    count[t, i] = c
+                    if t == 0:
+                        for k in range(m):
+                            yi[k] = b[k]
+                    else:
+                        for k in range(m):
+                            yi[k] = 0
+                c, p = count[t, i], added[i]
                 while p + 4 <= c and ci[p + 3] < end:
                     j0, j1, j2, j3 = ci[p], ci[p + 1], ci[p + 2], ci[p + 3]
                     v0, v1, v2, v3 = xi[j0], xi[j1], xi[j2], xi[j3]
@@ -108,41 +118,51 @@ def sparse_affine(x, wt, b, relu, parts, block):
                     for k in range(m):
                         yi[k] += v * r[k]
                     p += 1
-                added[i - i0] = p
-                if relu and end >= n_in:  # the row's last block: it is complete
-                    for k in range(m):
-                        v = yi[k]
-                        yi[k] = v if v > 0 else v * 0
+                added[i] = p
+    for t in prange(parts):
+        for i in range(n * t // parts, n * (t + 1) // parts):
+            yi = y[i]
+            for s in range(parts - 1):
+                ps = partial[s, i]
+                for k in range(m):
+                    yi[k] += ps[k]
+            if relu:
+                for k in range(m):
+                    v = yi[k]
+                    yi[k] = v if v > 0 else v * 0
     return y, cols, count
 
 
 @parallel_kernel
-def sparse_weight_grad(x, cols, count, gz, parts):
-    """x.T @ gz, (in, out), summing only over the nonzeros of x that sparse_affine found.
+def sparse_weight_grad(x, cols, count, gz):
+    """x.T @ gz, (in, out), summing only over the nonzeros of x that sparse_affine found, on as many threads
+    as it had parts, each one the same input features (so the same rows of the gradient) as there.
 
-    The input features are split into `parts` blocks, one per thread (threads never write the same weight
-    row); each block first lists, per feature, the rows where it is nonzero, then sums four of them at a
-    time."""
+    Each thread first lists, per feature of its part, the rows where it is nonzero, then sums four of them
+    at a time."""
     n, n_in = x.shape
     m = gz.shape[1]
+    parts = cols.shape[0]
     gwt = np.empty((n_in, m), gz.dtype)
-    parts = min(n_in, parts)
     for t in prange(parts):
-        j0, j1 = n_in * t // parts, n_in * (t + 1) // parts
-        rows = np.empty((j1 - j0, n), np.int32)
-        rcount = np.zeros(j1 - j0, np.int64)
+        lo, hi = n_in * t // parts, n_in * (t + 1) // parts
+        ct, nt = cols[t], count[t]
+        start = np.zeros(hi - lo + 1, np.int64)  # feature j's rows: rows[start[j - lo]:start[j - lo + 1]]
         for i in range(n):
-            ci, c = cols[i], count[i]
-            p = 0
-            while p < c and ci[p] < j0:  # cols are in order
-                p += 1
-            while p < c and ci[p] < j1:
-                j = ci[p] - j0
-                rows[j, rcount[j]] = i
-                rcount[j] += 1
-                p += 1
-        for j in range(j0, j1):
-            gj, rj, c = gwt[j], rows[j - j0], rcount[j - j0]
+            for q in range(nt[i]):
+                start[ct[i, q] - lo + 1] += 1
+        for j in range(hi - lo):
+            start[j + 1] += start[j]
+        filled = start[:hi - lo].copy()
+        rows = np.empty(start[hi - lo], np.int32)
+        for i in range(n):
+            for q in range(nt[i]):
+                j = ct[i, q] - lo
+                rows[filled[j]] = i
+                filled[j] += 1
+        for j in range(lo, hi):
+            gj, rj = gwt[j], rows[start[j - lo]:start[j - lo + 1]]
+            c = rj.shape[0]
             for k in range(m):
                 gj[k] = 0
             p = 0
@@ -167,7 +187,7 @@ def linear_forward(x, wt, b, code, sparse_parts=0):
     relu = code == RELU
     if sparse_parts:
         y, cols, count = sparse_affine(x, wt, b, relu, sparse_parts, sparse_block(*wt.shape, wt.itemsize))
-        nonzeros = cols, count, sparse_parts
+        nonzeros = cols, count
     else:
         y, nonzeros = affine(x, wt, b, relu), None
     return (y if code in (IDENTITY, RELU) else activate_inplace(y, code)), nonzeros
@@ -215,6 +235,6 @@ def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
         gx, gwt, gb = dense_backward(x, wt, y, g, code, need_gx)
         return (gx if need_gx else None), gwt, gb
     gz, gb = act_bias_grad(y, g, code)
-    cols, count, parts = nonzeros
-    gwt = sparse_weight_grad(x, cols, count, gz, parts)
+    cols, count = nonzeros
+    gwt = sparse_weight_grad(x, cols, count, gz)
     return (matmul(gz, wt.T) if need_gx else None), gwt, gb

@@ -73,18 +73,27 @@ def test_sparse_linear_matches_numpy(dtype, shape, density, name):
     n, k = shape
     m = 300 if k == 784 else k + 5
     x = sparse_data(shape, dtype, density, 11)
-    cols, count, _ = check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, 2)
-    for i in range(n):
-        np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
+    cols, count = check_linear(x, data((k, m), dtype, 12), data(m, dtype, 13), data((n, m), dtype, 14), name, 2)
+    check_nonzeros(x, cols, count)
+
+
+def check_nonzeros(x, cols, count):
+    """Each part's nonzeros of each row are the nonzeros of x in that part's input features."""
+    parts, n_in = len(cols), x.shape[1]
+    for t in range(parts):
+        lo, hi = n_in * t // parts, n_in * (t + 1) // parts
+        for i in range(len(x)):
+            np.testing.assert_array_equal(cols[t, i, :count[t, i]], lo + np.flatnonzero(x[i, lo:hi]))
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
-@pytest.mark.parametrize('parts', [1, 2, 3, 64])
+@pytest.mark.parametrize('parts', [1, 2, 3, 64, 200])
 @pytest.mark.parametrize('block', [1, 3, 5, 64, 129])
 def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
-    """Any block of input features and any split of the rows over threads gives the same product (rows
-    with 0-3 and 4k+r nonzeros per block included); more parts than rows is fine."""
-    from fastgrad.kernels.linear import sparse_affine
+    """Any block of input features and any split of them over threads gives the product (rows with 0-3
+    and 4k+r nonzeros per block included), and the weight gradient over the same nonzeros; more parts than
+    rows, or than input features, is fine."""
+    from fastgrad.kernels.linear import sparse_affine, sparse_weight_grad
     x = sparse_data((37, 129), dtype, 0.2, 21)
     x[3] = 0
     x[5] = data(129, dtype, 22)  # one dense row
@@ -92,11 +101,13 @@ def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
     y, cols, count = sparse_affine(x, wt, b, True, parts, block)
     ref = np.maximum(x.astype(np.float64) @ wt.astype(np.float64) + b, 0)
     np.testing.assert_allclose(y, ref, **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 129))
-    for i in range(len(x)):
-        np.testing.assert_array_equal(cols[i, :count[i]], np.flatnonzero(x[i]))
+    check_nonzeros(x, cols, count)
+    gz = data((37, 11), dtype, 25)
+    np.testing.assert_allclose(sparse_weight_grad(x, cols, count, gz), x.astype(np.float64).T @ gz,
+                               **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 37))
     y, _, count = sparse_affine(np.zeros((2, 0), dtype), wt[:0], b - 1, True, parts, block)  # no inputs at all
     np.testing.assert_array_equal(y, np.maximum(np.broadcast_to(b - 1, (2, 11)), 0))
-    np.testing.assert_array_equal(count, [0, 0])
+    np.testing.assert_array_equal(count, [[0, 0]])
 
 
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
