@@ -940,6 +940,7 @@ from numba import njit
 
 from fastgrad.kernels.activations import (act_derivative as _act_derivative, activate as _activate,
                                          activate_loop as _activate_loop, activation_backward as _activation_backward)
+from fastgrad.kernels.batch import gather_rows as _gather_rows
 from fastgrad.kernels.blas import matmul as _matmul
 from fastgrad.kernels.conv import (conv2d_backward as _conv2d_backward, conv2d_forward as _conv2d_forward,
                                    maxpool2d_backward as _maxpool2d_backward, maxpool2d_forward as _maxpool2d_forward)
@@ -1298,8 +1299,11 @@ def _source(gen, args, results, with_grad, epoch):
     if epoch:
         call = ', '.join(['xb', 'yb'] + rest)
         b = args[0].shape[0]
-        # each batch gathered into the same two arrays, row by row as flat runs (any number of dimensions)
-        gather = ''.join(f'        for r in range({b}):\n'
+        # each batch gathered into the same two arrays, row by row as flat runs (any number of dimensions);
+        # a big batch on numba's threads when they own the cores (update_parts says so)
+        gather = ''.join(f'        _gather_rows({src}f, order, k * {b}, {v}f, update_parts)\n'
+                         if a.size >= backend.PARALLEL_MIN_SIZE else
+                         f'        for r in range({b}):\n'
                          f'            i = order[k * {b} + r]\n'
                          f'            for q in range({a[0].size if len(a) else 1}):\n'
                          f'                {v}f[r, q] = {src}f[i, q]\n' for v, src, a in (('xb', 'x', args[0]), ('yb', 'y', args[1])))

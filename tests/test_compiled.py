@@ -134,6 +134,26 @@ def test_run_is_the_loop_of_steps_with_a_short_last_batch():
         step_c.run(x, y, 0)
 
 
+def test_run_gathers_big_batches_on_numbas_threads():
+    """A batch of 64k values or more is gathered by the parallel kernel when numba owns the cores: the same
+    losses and parameters as one call a batch, and eager's (relu through BLAS: bit for bit)."""
+    x, y, classes = dataset('sparse', np.float32, n=600)
+    a, b, c = (make('sparse', 'relu', 'sgd', np.float32, classes, 784) for _ in range(3))
+    order = np.random.default_rng(4).permutation(len(x))
+    with backend.threads_restored():
+        fg.set_threads('numba')
+        want = [float(a[2](x[order[i:i + 128]], y[order[i:i + 128]]).value) for i in range(0, 600, 128)]
+        step_b, step_c = fg.compile(b[2]), fg.compile(c[2])
+        got = [float(step_b(x[order[i:i + 128]], y[order[i:i + 128]])) for i in range(0, 600, 128)]
+        ran = step_c.run(x, y, 128, order)
+    with open(step_c.programs[next(iter(step_c.programs))].source) as f:
+        source = f.read()
+    assert '_gather_rows(xf, order' in source and '_gather_rows(yf' not in source
+    assert ran.tolist() == got == want
+    assert_same_training(b[:2], c[:2], 0)
+    assert_same_training(a[:2], c[:2], 0)
+
+
 def twins(build, loss_fn, *batch, steps=4):
     """The same step eager and compiled on twin models: (eager parameters, compiled parameters)."""
     out = []

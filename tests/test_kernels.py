@@ -381,3 +381,13 @@ def test_set_threads_names_a_bad_argument(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         fg.set_threads(**kwargs)
     assert fg.threads() == before
+
+
+@pytest.mark.parametrize('parts', [1, 2, 3, 200])
+def test_gather_rows_takes_the_batch_from_the_order(parts):
+    from fastgrad.kernels.batch import gather_rows
+    src = data((50, 7), np.float32, 31)
+    order = np.random.default_rng(32).permutation(50)
+    dst = np.empty((13, 7), np.float32)
+    gather_rows(src, order, 20, dst, parts)
+    np.testing.assert_array_equal(dst, src[order[20:33]])
