@@ -234,6 +234,27 @@ def test_adam_step(dtype):
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('rule', ['sgd', 'nesterov', 'adam'])
+def test_update_stores_denormal_state_as_zero(dtype, rule):
+    """A momentum (or Adam moment) decaying below the smallest normal number is stored as zero, not as a
+    denormal (slow on x86); normal values, the parameters and NaN are left as the rule makes them."""
+    tiny = np.finfo(dtype).tiny
+    p = np.array([1.0, 1.0, 1.0, np.nan], dtype)
+    g = np.zeros(4, dtype)
+    s1 = np.array([4 * tiny, 2 * tiny, tiny, 0], dtype)  # after one step at momentum 0.5: 2, 1, 0.5 tiny, NaN
+    s2 = p[:0]
+    scalars = np.array([0.1, 0.5, 0, 0, 0, 0], dtype)
+    if rule == 'adam':  # m decays as above; v = 0.5 * v, the same
+        s2 = s1.copy()
+        scalars = np.array([0.1, 0.5, 0.5, 1e-8, 0, 1], dtype)
+    kernels.update(kernels.RULES[rule], p, g, s1, s2, scalars)
+    for state in (s1, s2) if rule == 'adam' else (s1,):
+        np.testing.assert_array_equal(state[:3], np.array([2 * tiny, tiny, 0], dtype))
+        assert np.isnan(state[3]) and not np.signbit(state[2])  # the NaN parameter's NaN is kept
+    assert np.isnan(p[3]) and np.all(p[:3] <= 1)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('parts', [2, 3])
 def test_threaded_updates_equal_serial(dtype, parts):
     """Big parameters are updated in parts on numba's threads: bit for bit what the serial loop gives."""
