@@ -10,8 +10,8 @@ says which data ran). Workload C: LeNet-5 (conv 6@5x5 pad 2, relu, 2x2 max-pool,
 max-pool, dense 400-120-84-10) on the same 50,000 images as (N, 1, 28, 28), batch 128 (`--workload C`; not
 in `all`: fastgrad's three columns, PyTorch and a jax.jit step). Workload B: vugrad's synth task,
 2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run
-(--epochs timed epochs each, after a warm-up: 20 steps, or one epoch for the compiled epochs, so that
-compilation is never timed); the table gives the medians over all timed epochs and their ratios
+(--epochs timed epochs each, after one warm-up epoch in every column, so that compilation is never timed
+and every column's timed epochs come from the same stage of training); the table gives the medians over all timed epochs and their ratios
 (fastgrad / other; below 1 means fastgrad is faster), with the lowest and highest ratio of a single round
 in brackets. Columns:
 
@@ -304,16 +304,11 @@ def run_child(args):
             loss = fn(x[idx], y[idx])
         return loss
 
-    if kind == 'epoch':  # warm up: compile (and gather, for jax-scan) outside the clock
-        fn(x, y, order, args.batch)
-        fn(x, y, order, args.batch)
-    else:
-        for fr in range(0, 20 * args.batch, args.batch):  # warm up: compile kernels, fault in buffers
-            idx = order[fr:fr + args.batch]
-            fn(x[idx], y[idx])
-        tail = order[len(x) // args.batch * args.batch:]
-        if len(tail):
-            fn(x[tail], y[tail])  # the short last batch's shape, compiled too
+    # warm up with one trained epoch in every column: compilation (both batch shapes) and faulting in
+    # buffers stay outside the clock, and every column's timed epochs start at the same point of training
+    # (later epochs meet other numbers: smaller gradients, momenta decaying towards denormals)
+    if epoch() is None:  # jax-scan's first call only gathers the batches onto the device
+        epoch()
     rss = []
     times = []
     for _ in range(args.epochs):
@@ -418,8 +413,8 @@ def compare_lenet(args):
     peak = sgemm_peak()
     print(f'float32 sgemm peak (numba BLAS, 2048^3): {peak:.1f} GFLOP/s\n')
     print(header(names))
-    medians, ratios, source = compare('C', [0], 128, args.repeats, names, args.epochs)
-    print(row(f'C: LeNet-5, batch 128, 50k ({source})', medians, names, ratios))
+    medians, ratios, source = compare('C', [0], args.batch, args.repeats, names, args.epochs)
+    print(row(f'C: LeNet-5, batch {args.batch}, 50k ({source})', medians, names, ratios))
     rate = 50_000 / medians['fastgrad']
     print(f'\nC, fastgrad: {rate:,.0f} images/s, {lenet_flops() / 1e6:.2f} MFLOP per image per step, '
           f'{rate * lenet_flops() / 1e9:.1f} GFLOP/s ({100 * rate * lenet_flops() / 1e9 / peak:.0f} % of the sgemm peak)')
@@ -429,8 +424,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--child', choices=sorted(TRAINERS), help=argparse.SUPPRESS)
     parser.add_argument('--workload', choices=['A', 'B', 'C', 'all'], default='all')
-    parser.add_argument('--hidden', type=int, nargs='+', default=None)
-    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--hidden', type=int, nargs='+', default=None,
+                        help="hidden layer sizes of the MLP workloads (default: A's 300, B's 8)")
+    parser.add_argument('--batch', type=int, default=128, help='batch size of the workloads (default 128)')
     parser.add_argument('--epochs', type=int, default=1, help='timed epochs per run (each run is a new process)')
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--only', nargs='+', choices=sorted(TRAINERS), metavar='NAME',
@@ -438,6 +434,8 @@ def main():
     parser.add_argument('--scaling', action='store_true', help='also time hidden 300/1024/3136/4096 and batch 32/128/512')
     parser.add_argument('--memory', action='store_true', help='also track fastgrad peak RSS over 20 epochs')
     args = parser.parse_args()
+    if args.batch < 1 or any(h < 1 for h in args.hidden or []):
+        parser.error(f'--batch and --hidden take positive sizes, got --batch {args.batch} --hidden {args.hidden}')
     if args.child:
         args.hidden = args.hidden or ([300] if args.workload == 'A' else [8])
         return run_child(args)
@@ -452,14 +450,17 @@ def main():
     print(f'float32 sgemm peak (numba BLAS, 2048^3): {sgemm_peak():.1f} GFLOP/s\n')
     print(header(names))
     if args.workload in ('A', 'all'):
-        medians, ratios, source = compare('A', [300], 128, args.repeats, names, args.epochs)
-        print(row(f'A: MLP 784-300-10, batch 128, 50k ({source})', medians, names, ratios))
-        gflops = mlp_flops([784, 300, 10]) * 50_000 / medians['fastgrad'] / 1e9
+        hidden = args.hidden or [300]
+        medians, ratios, source = compare('A', hidden, args.batch, args.repeats, names, args.epochs)
+        sizes = [784, *hidden, 10]
+        print(row(f'A: MLP {"-".join(map(str, sizes))}, batch {args.batch}, 50k ({source})', medians, names, ratios))
+        gflops = mlp_flops(sizes) * 50_000 / medians['fastgrad'] / 1e9
     if args.workload in ('B', 'all'):
-        medians, ratios, _ = compare('B', [8], 128, args.repeats, names, args.epochs)
-        print(row('B: synth 2-8-2, batch 128, 60k', medians, names, ratios))
+        hidden = args.hidden or [8]
+        medians, ratios, _ = compare('B', hidden, args.batch, args.repeats, names, args.epochs)
+        print(row(f'B: synth {"-".join(map(str, [2, *hidden, 2]))}, batch {args.batch}, 60k', medians, names, ratios))
     if args.workload in ('A', 'all'):
-        print(f'\nA, fastgrad: {mlp_flops([784, 300, 10]) / 1e6:.2f} MFLOP per image per step, '
+        print(f'\nA, fastgrad: {mlp_flops(sizes) / 1e6:.2f} MFLOP per image per step, '
               f'{gflops:.1f} GFLOP/s effective (dense-equivalent: the sparse first layer skips the zero pixels\' '
               'share of the first-layer work, so this can exceed the BLAS rate)')
     if args.scaling:
