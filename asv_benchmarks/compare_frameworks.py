@@ -434,11 +434,11 @@ def main():
     parser.add_argument('--scaling', action='store_true', help='also time hidden 300/1024/3136/4096 and batch 32/128/512')
     parser.add_argument('--memory', action='store_true', help='also track fastgrad peak RSS over 20 epochs')
     args = parser.parse_args()
-    if args.batch < 1 or any(h < 1 for h in args.hidden or []):
-        parser.error(f'--batch and --hidden take positive sizes, got --batch {args.batch} --hidden {args.hidden}')
     if args.child:
         args.hidden = args.hidden or ([300] if args.workload == 'A' else [8])
         return run_child(args)
+    if args.batch < 1 or any(h < 1 for h in args.hidden or []):
+        parser.error(f'--batch and --hidden take positive sizes, got --batch {args.batch} --hidden {args.hidden}')
 
     if args.workload == 'C':
         return compare_lenet(args)
