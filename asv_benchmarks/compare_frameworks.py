@@ -439,6 +439,10 @@ def main():
         return run_child(args)
     if args.batch < 1 or any(h < 1 for h in args.hidden or []):
         parser.error(f'--batch and --hidden take positive sizes, got --batch {args.batch} --hidden {args.hidden}')
+    if args.batch > 50_000:
+        parser.error(f'--batch {args.batch} is more than the 50,000 images of an epoch')
+    if args.epochs < 1 or args.repeats < 1:
+        parser.error(f'--epochs and --repeats must be at least 1, got {args.epochs} and {args.repeats}')
 
     if args.workload == 'C':
         return compare_lenet(args)
@@ -475,7 +479,7 @@ def main():
     if args.memory:
         result = child('fastgrad', 'A', [300], 128, epochs=20)
         rss = result['peak_rss_mb']
-        print(f'\nfastgrad peak RSS over 20 epochs (MB): epoch 1 {rss[0]:.0f}, epoch 10 {rss[9]:.0f}, '
+        print(f'\nfastgrad peak RSS over 20 epochs after the warm-up epoch (MB): epoch 1 {rss[0]:.0f}, epoch 10 {rss[9]:.0f}, '
               f'epoch 20 {rss[-1]:.0f}')
 
 

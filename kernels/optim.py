@@ -7,8 +7,8 @@ float32 update stays in float32 and the loops vectorise; the branches sit outsid
 reason. Each element is updated by exactly one thread with the
 same operations, so the result does not depend on the number of parts.
 
-A state value (momentum, Adam's moments) smaller in magnitude than the dtype's smallest normal number is
-stored as zero, as a CPU flushing denormals would: a momentum whose gradient stays zero (an input that is
+A state value (momentum, Adam's moments while its eps is not tiny: see _adam) smaller in magnitude than the
+dtype's smallest normal number is stored as zero, as a CPU flushing denormals would: a momentum whose gradient stays zero (an input that is
 rarely nonzero, such as MNIST's border pixels) decays through the denormal range for hundreds of steps, and
 x86 takes microcode assists on denormal arithmetic. Its share of the parameter's step is then below the
 parameter's own rounding, so the parameters move as under torch.optim.
@@ -56,7 +56,12 @@ def _adam(p, g, m, v, step_size, beta1, beta2, eps, weight_decay, inv_bias2_sqrt
     step_size = lr / (1 - beta1^t), inv_bias2_sqrt = 1 / sqrt(1 - beta2^t)."""
     one_b1 = 1 - beta1
     one_b2 = 1 - beta2
-    tiny = p.dtype.type(np.finfo(p.dtype).tiny)
+    # Adam divides by sqrt(v) + eps: flushing is safe only where a denormal v's share of that (at most
+    # sqrt(tiny) * inv_bias2_sqrt) is below eps's own rounding; with a smaller eps (eps=0 makes Adam
+    # scale-invariant, so even tiny gradients take full steps) the moments are kept as they are
+    info = np.finfo(p.dtype)
+    safe = np.sqrt(info.tiny) * inv_bias2_sqrt <= eps * info.eps
+    tiny = p.dtype.type(info.tiny if safe else 0)
     for i in range(p.shape[0]):
         d = g[i] + weight_decay * p[i]
         mi = _flushed(beta1 * m[i] + one_b1 * d, tiny)

@@ -255,6 +255,19 @@ def test_update_stores_denormal_state_as_zero(dtype, rule):
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
+def test_adam_with_a_tiny_eps_keeps_denormal_moments(dtype):
+    """Adam with eps=0 is scale-invariant: a gradient of 1e-20 (1e-160) still takes a full step of about lr,
+    as in torch.optim, so its denormal second moment must not become zero (that step was -inf)."""
+    g = np.full(3, 1e-20 if dtype == np.float32 else 1e-160, dtype)
+    p, m, v = np.ones(3, dtype), np.zeros(3, dtype), np.zeros(3, dtype)
+    lr, b1, b2 = 0.01, 0.9, 0.999
+    kernels.update(kernels.RULES['adam'], p, g, m, v,
+                   np.array([lr / (1 - b1), b1, b2, 0, 0, 1 / np.sqrt(1 - b2)], dtype))
+    assert 0 < v[0] < np.finfo(dtype).tiny  # denormal, kept
+    np.testing.assert_allclose(p, 1 - lr, rtol=1e-4)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('parts', [2, 3])
 def test_threaded_updates_equal_serial(dtype, parts):
     """Big parameters are updated in parts on numba's threads: bit for bit what the serial loop gives."""
