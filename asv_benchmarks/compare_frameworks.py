@@ -11,9 +11,9 @@ max-pool, dense 400-120-84-10) on the same 50,000 images as (N, 1, 28, 28), batc
 in `all`: fastgrad's three columns, PyTorch and a jax.jit step). Workload B: vugrad's synth task,
 2-8-2 relu, batch 128, one epoch over 60,000 points. Frameworks run alternately, one process per run
 (--epochs timed epochs each, after one warm-up epoch in every column, so that compilation is never timed
-and every column's timed epochs come from the same stage of training); the table gives the medians over all timed epochs and their ratios
-(fastgrad / other; below 1 means fastgrad is faster), with the lowest and highest ratio of a single round
-in brackets. Columns:
+and every column's timed epochs come from the same stage of training); the table gives the medians over
+all timed epochs and their ratios (fastgrad / other; below 1 means fastgrad is faster), with the lowest and
+highest ratio of a single round in brackets. Columns:
 
   fastgrad        the compiled step, a whole epoch per call (fastgrad.compile(step).run)
   fastgrad-step   the compiled step called once per batch from a Python loop
@@ -479,8 +479,8 @@ def main():
     if args.memory:
         result = child('fastgrad', 'A', [300], 128, epochs=20)
         rss = result['peak_rss_mb']
-        print(f'\nfastgrad peak RSS over 20 epochs after the warm-up epoch (MB): epoch 1 {rss[0]:.0f}, epoch 10 {rss[9]:.0f}, '
-              f'epoch 20 {rss[-1]:.0f}')
+        print(f'\nfastgrad peak RSS over 20 epochs after the warm-up epoch (MB): epoch 1 {rss[0]:.0f}, '
+              f'epoch 10 {rss[9]:.0f}, epoch 20 {rss[-1]:.0f}')
 
 
 if __name__ == '__main__':

@@ -8,10 +8,11 @@ reason. Each element is updated by exactly one thread with the
 same operations, so the result does not depend on the number of parts.
 
 A state value (momentum, Adam's moments while its eps is not tiny: see _adam) smaller in magnitude than the
-dtype's smallest normal number is stored as zero, as a CPU flushing denormals would: a momentum whose gradient stays zero (an input that is
-rarely nonzero, such as MNIST's border pixels) decays through the denormal range for hundreds of steps, and
-x86 takes microcode assists on denormal arithmetic. Its share of the parameter's step is then below the
-parameter's own rounding, so the parameters move as under torch.optim.
+dtype's smallest normal number is stored as zero, as a CPU flushing denormals would: a momentum whose
+gradient stays zero (an input that is rarely nonzero, such as MNIST's border pixels) decays through the
+denormal range for hundreds of steps, and x86 takes microcode assists on denormal arithmetic. Its share of
+the parameter's step is then below the parameter's own rounding, so the parameters move as under
+torch.optim.
 """
 import numpy as np
 from numba import njit, prange
