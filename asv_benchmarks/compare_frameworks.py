@@ -90,11 +90,11 @@ def fastgrad_trainers(make_model):
 
     def compiled_step(sizes, lr, momentum):
         import fastgrad as fg
-        return 'step', fg.compile(step(sizes, lr, momentum))
+        return 'step', fg.compile(step(sizes, lr, momentum), keep_grads=False)
 
     def epoch(sizes, lr, momentum):
         import fastgrad as fg
-        compiled = fg.compile(step(sizes, lr, momentum))
+        compiled = fg.compile(step(sizes, lr, momentum), keep_grads=False)
         return 'epoch', lambda x, y, order, batch: compiled.run(x, y, batch, order)[-1]
     return {'fastgrad': epoch, 'fastgrad-step': compiled_step, 'fastgrad-eager': eager}
 

@@ -26,7 +26,8 @@ What a compiled step captures, and what it reads anew on every call:
 - thread counts are the backend's at each call, as the eager ops ask for them (backend.conv_parts only for a
   step with conv or pooling ops: under 'auto' it hands the cores to numba, as an eager convolution does).
 After a compiled call, each parameter's `.grad` holds that call's gradient, as after an eager step (or
-None where the step ends with zero_grad()). Values that do not outlive a call live in scratch buffers made
+None where the step ends with zero_grad()); under compile(fn, keep_grads=False) every parameter's gradient
+is left cleared, as zero_grad() leaves it. Values that do not outlive a call live in scratch buffers made
 once per traced program (so one compiled step must not run in two threads at once); what a call returns
 and leaves in `.grad` is its own. An op without a compiled form (a user-defined Op, whose
 forward and backward are Python) makes the trace raise a TypeError that names it.
@@ -125,6 +126,7 @@ class Var:
         self.storage_of = None        # a gradient available in its parameter's storage layout as storage_name
         self.by_feature = None        # a 2-D value also held transposed, (features, rows), C-contiguous: that name
         self.scratch = False          # lives in a scratch buffer that the next call overwrites: copied if returned
+        self.fusable = None           # a sparse weight gradient whose update can take it row by row (Generator.fused_gradient)
 
     @property
     def scalar(self):
@@ -134,8 +136,10 @@ class Var:
 class Generator:
     """Writes the generated function's body from a Recorder's events."""
 
-    def __init__(self, args, recorder):
+    def __init__(self, args, recorder, keep_grads=True):
         self.lines = []
+        self.keep_grads = keep_grads  # False: no gradient is returned, so updates may consume them unwritten
+        self.event = 0            # the position in the recorder's events of the one being written out
         self.counter = 0
         self.vars = {}            # id(node) -> Var
         self.nodes = {}           # id(node) -> node, so that ids stay valid while we generate
@@ -270,7 +274,7 @@ class Generator:
 
     # the program
     def run(self, result):
-        for event in self.recorder.events:
+        for self.event, event in enumerate(self.recorder.events):
             kind = event[0]
             if kind == 'op':
                 self.forward(*event[1:])
@@ -402,8 +406,8 @@ class Generator:
                         self.hyper[key] = self.new(f'np.array(({dtype}({h}[0]), {dtype}({h}[1]), {dtype}({h}[2]), '
                                                    f'{dtype}(0), {dtype}(0), {dtype}(0)))', (6,), pvar.dtype,
                                                    prefix='hyper').name
-                    call = (f'{{}}(np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]}), '
-                            f'{flat_p}, {flat_g}, {buf}, {flat_p}[:0], {self.hyper[key]}{{}})')
+                    rule = f'np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]})'
+                    state = f'{buf}, {flat_p}[:0], {self.hyper[key]}'
                 else:
                     m, v = self.state_arg(optimizer, p, 'exp_avg'), self.state_arg(optimizer, p, 'exp_avg_sq')
                     k = self.state_index[id(optimizer), id(p), 'step']
@@ -411,16 +415,44 @@ class Generator:
                     # the step as a float: numba raises a float to an integer power by repeated squaring, an ulp
                     # off the libm pow that Python's beta ** step (the eager update's bias corrections) calls
                     t = f'np.float64(S{k}[0])'
-                    call = (f'{{}}(np.int64({kernels.RULES["adam"]}), {flat_p}, {flat_g}, {m}, {v}, '
-                            f'np.array(({dtype}({h}[0] / (1 - {h}[1] ** {t})), {dtype}({h}[1]), {dtype}({h}[2]), '
-                            f'{dtype}({h}[3]), {dtype}({h}[4]), {dtype}(1 / np.sqrt(1 - {h}[2] ** {t})))){{}})')
-                if size >= backend.PARALLEL_MIN_SIZE:
-                    self.emit('if update_parts > 1:')
-                    self.emit('    ' + call.format('update_parallel', ', update_parts'))
+                    hyper = self.new(f'np.array(({dtype}({h}[0] / (1 - {h}[1] ** {t})), {dtype}({h}[1]), '
+                                     f'{dtype}({h}[2]), {dtype}({h}[3]), {dtype}({h}[4]), '
+                                     f'{dtype}(1 / np.sqrt(1 - {h}[2] ** {t}))))', (6,), pvar.dtype, prefix='hyper')
+                    rule = f'np.int64({kernels.RULES["adam"]})'
+                    state = f'{m}, {v}, {hyper.name}'
+                indent = ''
+                fused = self.fused_gradient(g, p)
+                if fused is not None:  # the sparse branch updates row by row; the dense one as below
+                    line, sparse, operands = fused
+                    self.lines[line] = f'{self.lines[line].split(" = ")[0]} = np.empty((0, 0), {dtype})'
+                    self.emit(f'if {sparse}:')
+                    self.emit(f'    _sparse_weight_grad_update({operands}, {rule}, {flat_p}, {state})')
                     self.emit('else:')
-                    self.emit('    ' + call.format('apply_update', ''))
+                    indent = '    '
+                if size >= backend.PARALLEL_MIN_SIZE:
+                    self.emit(f'{indent}if update_parts > 1:')
+                    self.emit(f'{indent}    update_parallel({rule}, {flat_p}, {flat_g}, {state}, update_parts)')
+                    self.emit(f'{indent}else:')
+                    self.emit(f'{indent}    apply_update({rule}, {flat_p}, {flat_g}, {state})')
                 else:
-                    self.emit(call.format('apply_update', ''))
+                    self.emit(f'{indent}apply_update({rule}, {flat_p}, {flat_g}, {state})')
+
+    def fused_gradient(self, g, p):
+        """For a step that returns no gradients (keep_grads=False): where p's gradient g is a sparse weight
+        gradient that this update alone consumes, (the line that computes it, the name of its sparse-path flag,
+        its kernel's operands); the update then takes the rows as they are summed and that line computes nothing.
+        None otherwise."""
+        if self.keep_grads or g.fusable is None:
+            return None
+        events = self.recorder.events
+        if sum(1 for e in events if e[0] == 'step' and any(q is p for q in e[1].params)) != 1:
+            return None
+        for e in events[self.event + 1:]:  # a later backward() must not add to the gradient left in p
+            if e[0] == 'zero_grad' and any(q is p for q in e[1]):
+                break
+            if e[0] == 'backward':
+                return None
+        return g.fusable
 
     def state_arg(self, optimizer, p, name):
         """The name of the argument that passes optimizer.state[p][name] (Adam's step count comes with its
@@ -570,6 +602,7 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
     else:
         gen.emit(f'if {sp}:')
         gen.emit(f'    {gz}, {gb} = _act_bias_grad({out.name}, {g.name}, {code})')
+        wgrad_line = len(gen.lines)
         gen.emit(f'    {gwt} = _sparse_weight_grad({xs.name}, {cols}, {count}, {gz})')
         gen.emit(f'    {gx} = _matmul({gz}, {wt.name}.T) if {need_x} else {g.name}[:0, :0].copy()')
         gen.emit('else:')
@@ -580,6 +613,8 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
         gwv = gen.new(f'{gwt}.T', w.shape, out.dtype, prefix='gw', contiguous=False)
         if w.transposed:
             gwv.storage_of, gwv.storage_name = w, gwt
+            if sp is not None and out.dtype == w.dtype:
+                gwv.fusable = (wgrad_line, sp, f'{xs.name}, {cols}, {count}, {gz}')
     gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
     return gxv, gwv, gbv
 
@@ -946,7 +981,8 @@ from fastgrad.kernels.conv import (conv2d_backward as _conv2d_backward, conv2d_f
                                    maxpool2d_backward as _maxpool2d_backward, maxpool2d_forward as _maxpool2d_forward)
 from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
                                      dense_backward as _dense_backward, sparse_affine as _sparse_affine,
-                                     sparse_weight_grad as _sparse_weight_grad)
+                                     sparse_weight_grad as _sparse_weight_grad,
+                                     sparse_weight_grad_update as _sparse_weight_grad_update)
 from fastgrad.kernels.optim import apply_update, update_parallel
 from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
                                       cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
@@ -1104,8 +1140,9 @@ class Program:
 class CompiledStep:
     """A step function compiled by fastgrad.compile: call it like the function, or run a whole epoch."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, keep_grads=True):
         self.fn = fn
+        self.keep_grads = keep_grads
         self.programs = {}  # (shape and dtype of each argument) -> Program
         self.compile_seconds = 0.0  # spent tracing (the traced step included) and compiling so far
         self.__name__ = getattr(fn, '__name__', 'step')
@@ -1173,10 +1210,11 @@ class CompiledStep:
                 raise TraceError(f'fastgrad.compile: the step must return a TensorNode or a tuple of them, not '
                                  f'{type(node).__name__}')
         _check_untraced_updates(recorder)
-        gen = Generator(args, recorder)
+        gen = Generator(args, recorder, self.keep_grads)
         results = gen.run(nodes)
-        with_grad = [p for p in gen.params if gen.grads.get(id(p)) is not None]
-        gen.params = with_grad + [p for p in gen.params if gen.grads.get(id(p)) is None]
+        with_grad = [p for p in gen.params if self.keep_grads and gen.grads.get(id(p)) is not None]
+        returned = {id(p) for p in with_grad}
+        gen.params = with_grad + [p for p in gen.params if id(p) not in returned]
         module = _load_module(_source(gen, args, results, with_grad, epoch=len(args) == 2 and single))
         return Program(gen, results, single, with_grad, module)
 
@@ -1330,11 +1368,18 @@ def _source(gen, args, results, with_grad, epoch):
     return source
 
 
-def compile(fn):
+def compile(fn, keep_grads=True):
     """Compiles a training step: `fn` takes numpy arrays (a batch) and runs fastgrad code made of built-in
     ops, modules, a loss, backward() and an optimizer's zero_grad()/step(), returning a TensorNode (the loss)
     or a tuple of them. Returns a CompiledStep: call it as fn (it returns the loss values as arrays), or
-    `.run(x, y, batch_size, order=None)` for a whole epoch. The module docstring says what it captures."""
+    `.run(x, y, batch_size, order=None)` for a whole epoch. The module docstring says what it captures.
+
+    keep_grads=False: a call leaves every parameter's gradient cleared, as zero_grad() does (`.grad` reads
+    zeros, `grad_if_any` is None), as in jax.jit, where gradients exist only inside the step; the update of a
+    sparse-input layer's weight then takes its gradient row by row as it is summed, and that gradient is never
+    written out."""
     if not callable(fn):
         raise TypeError(f'fastgrad.compile: expected a function, got {type(fn).__name__}')
-    return CompiledStep(fn)
+    if not isinstance(keep_grads, bool):
+        raise TypeError(f'fastgrad.compile: keep_grads must be True or False, got {keep_grads!r}')
+    return CompiledStep(fn, keep_grads)

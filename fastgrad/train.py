@@ -242,7 +242,7 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
         if schedule is not None:
             schedule.load_state_dict({'last_epoch': len(history)})
     step = training_step(model, optimizer)
-    compiled = None if config.eager else compile(step)
+    compiled = None if config.eager else compile(step, keep_grads=False)  # nothing here reads a gradient
     batches = -(-len(xtrain) // config.batch_size)
     # compiles (or loads) the kernels this run uses before any epoch is timed
     warmup(config.dtype, progress=progress, training='sparse' if will_be_sparse(xtrain, config) else 'dense')

@@ -12,6 +12,7 @@ from numba.core import event
 from . import backend, kernels
 from . import functions as F
 from .core import TensorNode
+from .kernels.linear import sparse_affine, sparse_weight_grad_update
 from .modules import MLP, Linear
 from .ops import BatchMM, MatrixMultiply
 from .optim import SGD, Adam
@@ -41,10 +42,17 @@ def _tasks(dtype, training):
         sparse_layer(TensorNode(pixels, requires_grad=False), activation='relu'), np.zeros(16, dtype=np.int64))))]
     updates = [('sgd', step(lambda: SGD(params, lr=0.1)))]  # one kernel for every rule (threaded once sparse ran)
     compiled = [('compiled-step activations', lambda: kernels.activate_loop(np.zeros(2, dtype), kernels.SIGMOID))]
+
+    def fused_update():  # a compiled step's update of a sparse-input weight (compile(..., keep_grads=False))
+        wt, flat = np.zeros((256, 4), dtype), np.zeros(256 * 4, dtype)
+        _, cols, count = sparse_affine(pixels, wt, wt[0], True, 1, 256)
+        sparse_weight_grad_update(pixels, cols, count, np.zeros((16, 4), dtype), np.int64(kernels.RULES['sgd']), flat,
+                                  flat.copy(), flat[:0], np.zeros(6, dtype))
+    sparse_compiled = [('compiled-step sparse update', fused_update)]
     if training == 'dense':
         return mlp + updates + compiled
     if training == 'sparse':
-        return mlp + sparse + updates + compiled
+        return mlp + sparse + updates + compiled + sparse_compiled
     if training is not None:
         raise ValueError(f"warmup: training must be None, 'dense' or 'sparse', not {training!r}")
     return mlp + sparse + [
@@ -57,6 +65,7 @@ def _tasks(dtype, training):
         ('nesterov', step(lambda: SGD(params, lr=0.1, momentum=0.9, nesterov=True))),
         ('adam', step(lambda: Adam(params))),
         *compiled,
+        *sparse_compiled,
     ]
 
 

@@ -10,11 +10,12 @@ gradient sums only over them. A zero input then contributes exactly nothing, als
 (as in torch.sparse), where the dense product would give nan.
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
 from .blas import matmul
 from .jit import kernel, parallel_kernel
+from .optim import apply_update
 
 # The sparse pair beats the dense pair up to about 30 % nonzeros; small inputs stay dense, because
 # starting the parallel loops costs more than they save.
@@ -133,6 +134,46 @@ def sparse_affine(x, wt, b, relu, parts, block):
     return y, cols, count
 
 
+@njit(inline='always')
+def _feature_rows(ct, nt, lo, hi):
+    """Per feature j of the part lo..hi, the rows where it is nonzero, from the part's column lists
+    (ct, nt = cols[t], count[t]): rows[start[j - lo]:start[j - lo + 1]], in order."""
+    start = np.zeros(hi - lo + 1, np.int64)
+    for i in range(nt.shape[0]):
+        for q in range(nt[i]):
+            start[ct[i, q] - lo + 1] += 1
+    for j in range(hi - lo):
+        start[j + 1] += start[j]
+    filled = start[:hi - lo].copy()
+    rows = np.empty(start[hi - lo], np.int32)
+    for i in range(nt.shape[0]):
+        for q in range(nt[i]):
+            j = ct[i, q] - lo
+            rows[filled[j]] = i
+            filled[j] += 1
+    return start, rows
+
+
+@njit(inline='always')
+def _feature_grad(x, j, rj, gz, gj):
+    """gj = sum over the rows rj (where feature j is nonzero) of x[i, j] * gz[i], four rows at a time."""
+    c = rj.shape[0]
+    for k in range(gj.shape[0]):
+        gj[k] = 0
+    p = 0
+    while p + 4 <= c:
+        i0, i1, i2, i3 = rj[p], rj[p + 1], rj[p + 2], rj[p + 3]
+        v0, v1, v2, v3 = x[i0, j], x[i1, j], x[i2, j], x[i3, j]
+        r0, r1, r2, r3 = gz[i0], gz[i1], gz[i2], gz[i3]
+        for k in range(gj.shape[0]):
+            gj[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
+        p += 4
+    for q in range(p, c):
+        v, r = x[rj[q], j], gz[rj[q]]
+        for k in range(gj.shape[0]):
+            gj[k] += v * r[k]
+
+
 @parallel_kernel
 def sparse_weight_grad(x, cols, count, gz):
     """x.T @ gz, (in, out), summing only over the nonzeros of x that sparse_affine found, on as many threads
@@ -140,44 +181,34 @@ def sparse_weight_grad(x, cols, count, gz):
 
     Each thread first lists, per feature of its part, the rows where it is nonzero, then sums four of them
     at a time."""
-    n, n_in = x.shape
-    m = gz.shape[1]
+    n_in, m = x.shape[1], gz.shape[1]
     parts = cols.shape[0]
     gwt = np.empty((n_in, m), gz.dtype)
     for t in prange(parts):
         lo, hi = n_in * t // parts, n_in * (t + 1) // parts
-        ct, nt = cols[t], count[t]
-        start = np.zeros(hi - lo + 1, np.int64)  # feature j's rows: rows[start[j - lo]:start[j - lo + 1]]
-        for i in range(n):
-            for q in range(nt[i]):
-                start[ct[i, q] - lo + 1] += 1
-        for j in range(hi - lo):
-            start[j + 1] += start[j]
-        filled = start[:hi - lo].copy()
-        rows = np.empty(start[hi - lo], np.int32)
-        for i in range(n):
-            for q in range(nt[i]):
-                j = ct[i, q] - lo
-                rows[filled[j]] = i
-                filled[j] += 1
+        start, rows = _feature_rows(cols[t], count[t], lo, hi)
         for j in range(lo, hi):
-            gj, rj = gwt[j], rows[start[j - lo]:start[j - lo + 1]]
-            c = rj.shape[0]
-            for k in range(m):
-                gj[k] = 0
-            p = 0
-            while p + 4 <= c:
-                i0, i1, i2, i3 = rj[p], rj[p + 1], rj[p + 2], rj[p + 3]
-                v0, v1, v2, v3 = x[i0, j], x[i1, j], x[i2, j], x[i3, j]
-                r0, r1, r2, r3 = gz[i0], gz[i1], gz[i2], gz[i3]
-                for k in range(m):
-                    gj[k] += v0 * r0[k] + v1 * r1[k] + v2 * r2[k] + v3 * r3[k]
-                p += 4
-            for q in range(p, c):
-                v, r = x[rj[q], j], gz[rj[q]]
-                for k in range(m):
-                    gj[k] += v * r[k]
+            _feature_grad(x, j, rows[start[j - lo]:start[j - lo + 1]], gz, gwt[j])
     return gwt
+
+
+@parallel_kernel
+def sparse_weight_grad_update(x, cols, count, gz, rule, p, s1, s2, h):
+    """sparse_weight_grad, each row of the gradient handed to the optimizer update (kernels.optim) as soon as
+    it is summed, so that the gradient is never written out: p (the weight wt, flat) and its state s1, s2
+    (flat, or empty when the rule does not use them) change exactly as update(rule, p, gwt, s1, s2, h) would
+    change them after sparse_weight_grad (a compiled step with keep_grads=False)."""
+    n_in, m = x.shape[1], gz.shape[1]
+    parts = cols.shape[0]
+    for t in prange(parts):
+        lo, hi = n_in * t // parts, n_in * (t + 1) // parts
+        start, rows = _feature_rows(cols[t], count[t], lo, hi)
+        gj = np.empty(m, gz.dtype)
+        for j in range(lo, hi):
+            _feature_grad(x, j, rows[start[j - lo]:start[j - lo + 1]], gz, gj)
+            a, b = j * m, (j + 1) * m
+            apply_update(rule, p[a:b], gj, s1[min(a, s1.shape[0]):min(b, s1.shape[0])],
+                         s2[min(a, s2.shape[0]):min(b, s2.shape[0])], h)
 
 
 def linear_forward(x, wt, b, code, sparse_parts=0):

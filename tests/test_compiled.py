@@ -154,6 +154,61 @@ def test_run_gathers_big_batches_on_numbas_threads():
     assert_same_training(a[:2], c[:2], 0)
 
 
+@pytest.mark.parametrize('optimizer, dtype', [('sgd', np.float32), ('nesterov', np.float64), ('adam', np.float32),
+                                              pytest.param('adam', np.float64, marks=pytest.mark.slow)])
+def test_without_grads_the_sparse_update_is_fused_and_equals_eager(optimizer, dtype):
+    """compile(fn, keep_grads=False): the first layer's update takes its gradient row by row inside the
+    sparse kernel; on sparse batches and on the dense ones between them (each branch picked per call),
+    parameters and optimizer state equal eager's bit for bit, and every gradient is left cleared."""
+    x, y, classes = dataset('sparse', dtype, n=1040)
+    dense = np.arange(len(x)) % 384 >= 256  # every third batch of 128 rows takes the dense path
+    x[dense] = np.random.default_rng(5).random((dense.sum(), 784)) + 0.5
+    eager, kept, fused = (make('sparse', 'relu', optimizer, dtype, classes, 784) for _ in range(3))
+    step_kept, step_fused = fg.compile(kept[2]), fg.compile(fused[2], keep_grads=False)
+    for start in range(0, 512, 128):
+        batch = slice(start, start + 128)
+        want = eager[2](x[batch], y[batch]).value
+        assert fg.kernels.sparse_enough(x[batch]) == (start != 256)
+        assert step_kept(x[batch], y[batch]) == want == step_fused(x[batch], y[batch])
+    assert all(p.grad_if_any is None for p in fused[0].parameters())
+    assert all(p.grad_if_any is not None for p in kept[0].parameters())
+    ran = step_fused.run(x[512:], y[512:], 128)  # a whole epoch in one call, and the short last batch
+    for start in range(512, 1040, 128):
+        eager[2](x[start:start + 128], y[start:start + 128])
+    assert len(ran) == 5 and all(p.grad_if_any is None for p in fused[0].parameters())
+    assert_same_training(eager[:2], fused[:2], 0)
+    with open(step_fused.programs[((128, 784), np.dtype(dtype)), ((128,), y.dtype)].source) as f:
+        source = f.read()
+    assert '_sparse_weight_grad_update(' in source and '_sparse_weight_grad(' not in source
+    with pytest.raises(TypeError, match="keep_grads must be True or False, got 'no'"):
+        fg.compile(fused[2], keep_grads='no')
+
+
+def test_without_grads_a_gradient_used_after_the_update_is_not_fused():
+    """A backward() after the step adds to the first layer's gradient: that update cannot consume it."""
+    x, y, classes = dataset('sparse', np.float32, n=384)
+    runs = []
+    for keep_grads in (None, True, False):
+        model, opt, _ = make('sparse', 'relu', 'sgd', np.float32, classes, 784)
+
+        def step(xb, yb):
+            opt.zero_grad()
+            loss = fg.cross_entropy(model(TensorNode(xb, requires_grad=False)), yb)
+            loss.backward()
+            opt.step()
+            fg.cross_entropy(model(TensorNode(xb, requires_grad=False)), yb).backward()
+            return loss
+        run = step if keep_grads is None else fg.compile(step, keep_grads=keep_grads)
+        for start in range(0, 384, 128):
+            run(x[start:start + 128], y[start:start + 128])
+        runs.append((model, opt))
+        if keep_grads is False:
+            with open(run.programs[next(iter(run.programs))].source) as f:
+                assert '_sparse_weight_grad_update(' not in f.read()
+    assert_same_training(runs[0], runs[1], 0)
+    assert_same_training(runs[0], runs[2], 0)
+
+
 def twins(build, loss_fn, *batch, steps=4):
     """The same step eager and compiled on twin models: (eager parameters, compiled parameters)."""
     out = []

@@ -110,6 +110,32 @@ def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
     np.testing.assert_array_equal(count, [[0, 0]])
 
 
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('parts', [1, 2, 3, 200])
+@pytest.mark.parametrize('rule, hyper, states', [
+    ('sgd', (0.1, 0, 0), 0), ('sgd', (0.1, 0.9, 0.01), 1), ('nesterov', (0.1, 0.9, 0.01), 1),
+    ('adam', (0.01, 0.9, 0.999, 1e-8, 0.01, 1.5), 2)])
+def test_sparse_weight_grad_update_is_the_update_after_the_gradient(dtype, parts, rule, hyper, states):
+    """The fused kernel of a compiled step without gradients moves the weight and its state exactly as the
+    update after sparse_weight_grad does, for every rule, with a split over parts as the forward's."""
+    from fastgrad.kernels.linear import sparse_affine, sparse_weight_grad, sparse_weight_grad_update
+    from fastgrad.kernels.optim import RULES, update
+    x = sparse_data((37, 129), dtype, 0.2, 31)
+    x[5] = data(129, dtype, 32)
+    wt, gz = data((129, 11), dtype, 33), data((37, 11), dtype, 34)
+    h = np.zeros(6, dtype)
+    h[:len(hyper)] = hyper
+    _, cols, count = sparse_affine(x, wt, wt[0], False, parts, 64)
+    state = [data(wt.size, dtype, 35 + k) ** 2 if k < states else np.zeros(0, dtype) for k in range(2)]
+    want, got = ([wt.reshape(-1).copy()] + [a.copy() for a in state] for _ in range(2))
+    for _ in range(2):
+        update(RULES[rule], want[0], sparse_weight_grad(x, cols, count, gz).reshape(-1), want[1], want[2], h)
+        sparse_weight_grad_update(x, cols, count, gz, np.int64(RULES[rule]), *got, h)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(got[0], wt.reshape(-1))
+
+
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
     from fastgrad.kernels.linear import SPARSE_BLOCK_BYTES, sparse_block
     assert sparse_block(784, 300, 4) == SPARSE_BLOCK_BYTES // 1200  # MNIST's first layer: several blocks

@@ -33,7 +33,7 @@ class Trainer:
     def __init__(self, x, y, model, batch_size, compiled=False, lr=0.01):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.step = step = training_step(model, fg.SGD(model.parameters(), lr=lr, momentum=0.9))
-        self.compiled = fg.compile(step) if compiled else None
+        self.compiled = fg.compile(step, keep_grads=False) if compiled else None
         self.order = np.random.default_rng(SEED).permutation(len(x))
         fg.warmup(np.float32)
         if compiled:  # trace and compile both batch shapes (full and the epoch's short last) before timing
