@@ -15,7 +15,7 @@ and every column's timed epochs come from the same stage of training); the table
 all timed epochs and their ratios (fastgrad / other; below 1 means fastgrad is faster), with the lowest and
 highest ratio of a single round in brackets. Columns:
 
-  fastgrad        the compiled step, a whole epoch per call (fastgrad.compile(step).run)
+  fastgrad        the compiled step, a whole epoch per call (fastgrad.compile(step, keep_grads=False).run)
   fastgrad-step   the compiled step called once per batch from a Python loop
   fastgrad-eager  the eager step (op by op)
   numpy           a hand-written numpy loop of the same maths, no graph
