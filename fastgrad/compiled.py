@@ -80,6 +80,7 @@ class Recorder:
         self.events.append(('zero_grad', list(nodes)))
 
     def step(self, optimizer):
+        self.remember(optimizer.params)  # their values before the update, for undo (a step may come first)
         if id(optimizer) not in self.states:  # its state before its first step
             self.states[id(optimizer)] = (optimizer, {
                 p: {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in optimizer.state[p].items()}
@@ -136,9 +137,11 @@ class Var:
 class Generator:
     """Writes the generated function's body from a Recorder's events."""
 
-    def __init__(self, args, recorder, keep_grads=True):
+    def __init__(self, args, recorder, fuse_updates=False):
         self.lines = []
-        self.keep_grads = keep_grads  # False: no gradient is returned, so updates may consume them unwritten
+        self.prologue = []            # lines before the step's first: checks that must come before any update
+        self.fuse_updates = fuse_updates  # no gradient is returned, so updates may consume them unwritten
+        self.fused = 0                # updates fused into a weight-gradient kernel
         self.event = 0            # the position in the recorder's events of the one being written out
         self.counter = 0
         self.vars = {}            # id(node) -> Var
@@ -387,6 +390,10 @@ class Generator:
         o = self.optimizers.index(optimizer)
         for gi, group in enumerate(optimizer.param_groups):
             for p in group['params']:
+                if id(p) not in self.grads and any(e[0] == 'backward' for e in self.recorder.events[self.event:]):
+                    raise TraceError('fastgrad.compile: opt.step() comes before backward() in the step, so eagerly it '
+                                     "would step on the gradient the previous call left; a compiled step's gradients "
+                                     'are its own: call backward() before step()')
                 g = self.grads.get(id(p))
                 if g is None:
                     continue  # no gradient: left alone, as eager does
@@ -441,17 +448,19 @@ class Generator:
         """For a step that returns no gradients (keep_grads=False): where p's gradient g is a sparse weight
         gradient that this update alone consumes, (the line that computes it, the name of its sparse-path flag,
         its kernel's operands); the update then takes the rows as they are summed and that line computes nothing.
-        None otherwise."""
-        if self.keep_grads or g.fusable is None:
+        None otherwise: p stepped twice, or a later backward() before p's gradient is zeroed (it might add to
+        that gradient)."""
+        if not self.fuse_updates or g.fusable is None:
             return None
         events = self.recorder.events
         if sum(1 for e in events if e[0] == 'step' and any(q is p for q in e[1].params)) != 1:
             return None
-        for e in events[self.event + 1:]:  # a later backward() must not add to the gradient left in p
+        for e in events[self.event + 1:]:
             if e[0] == 'zero_grad' and any(q is p for q in e[1]):
                 break
             if e[0] == 'backward':
                 return None
+        self.fused += 1
         return g.fusable
 
     def state_arg(self, optimizer, p, name):
@@ -720,6 +729,15 @@ def _cross_entropy_forward(gen, ins, constants, context, value):
         gen.emit(f'{total}, {probs}, {bad} = _cross_entropy_forward({gen.storage(logits, value.dtype)}, {t})')
     gen.emit(f'if {bad} >= 0:')
     gen.emit(f'    return {BAD_TARGET}, took_sparse, {ERROR_VALUES}')
+    if gen.optimizers and targets.startswith('a'):
+        # a loss after an update: its targets are checked before anything runs, so that a bad one returns before
+        # any update (the call then runs the step eagerly, which updates and raises where eager does)
+        tk, r = gen.fresh('t'), gen.fresh('r')
+        arg = gen.args[int(targets[1:])]
+        gen.prologue += [f'    {tk} = {targets if arg.dtype == np.int64 else f"np.ascontiguousarray({targets}).astype(np.int64)"}',
+                         f'    for {r} in range({tk}.shape[0]):',
+                         f'        if {tk}[{r}] < 0 or {tk}[{r}] >= {logits.shape[1]}:',
+                         f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
     scale = f'{1.0 / max(logits.shape[0], 1)!r}' if constants.get('reduction', 'mean') == 'mean' else '1.0'
     loss = gen.new(f'{_dtype_name(value.dtype)}({total} * {scale})', (), value.dtype, prefix='loss')
     return loss, (probs, t, scale, transposed)
@@ -1182,6 +1200,8 @@ class CompiledStep:
         return values[0] if program.single else tuple(values)
 
     def _trace(self, args, key):
+        # the same array passed as two arguments would tie both to the first in the recorded program
+        args = tuple(a.copy() if any(a is b for b in args[:i]) else a for i, a in enumerate(args))
         start = time.perf_counter()
         try:
             return self._trace_and_generate(args, key)
@@ -1210,8 +1230,13 @@ class CompiledStep:
                 raise TraceError(f'fastgrad.compile: the step must return a TensorNode or a tuple of them, not '
                                  f'{type(node).__name__}')
         _check_untraced_updates(recorder)
-        gen = Generator(args, recorder, self.keep_grads)
+        gen = Generator(args, recorder, fuse_updates=not self.keep_grads)
         results = gen.run(nodes)
+        if gen.fused and gen.loop_layers:
+            # a step with loops is compiled with fastmath, which contracts the updates inlined into it: a fused
+            # kernel (no fastmath) would then move the weights otherwise than keep_grads=True does
+            gen = Generator(args, recorder)
+            results = gen.run(nodes)
         with_grad = [p for p in gen.params if self.keep_grads and gen.grads.get(id(p)) is not None]
         returned = {id(p) for p in with_grad}
         gen.params = with_grad + [p for p in gen.params if id(p) not in returned]
@@ -1332,7 +1357,7 @@ def _source(gen, args, results, with_grad, epoch):
               f"@njit(cache=True, error_model='numpy'{fastmath})\n"
               f"def step({', '.join(params + rest)}):\n"
               f'    took_sparse = False\n'
-              + '\n'.join(gen.lines).replace(ERROR_VALUES, error_values) + '\n'
+              + '\n'.join(gen.prologue + gen.lines).replace(ERROR_VALUES, error_values) + '\n'
               f'    return {OK}, took_sparse, {result_tuple}, {grad_tuple}\n')
     if epoch:
         call = ', '.join(['xb', 'yb'] + rest)
@@ -1377,7 +1402,8 @@ def compile(fn, keep_grads=True):
     keep_grads=False: a call leaves every parameter's gradient cleared, as zero_grad() does (`.grad` reads
     zeros, `grad_if_any` is None), as in jax.jit, where gradients exist only inside the step; the update of a
     sparse-input layer's weight then takes its gradient row by row as it is summed, and that gradient is never
-    written out."""
+    written out (where that update alone consumes it: see Generator.fused_gradient). Parameters and optimizer
+    state move as with keep_grads=True, bit for bit."""
     if not callable(fn):
         raise TypeError(f'fastgrad.compile: expected a function, got {type(fn).__name__}')
     if not isinstance(keep_grads, bool):

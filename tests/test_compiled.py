@@ -376,6 +376,46 @@ def test_a_bad_target_raises_as_eager_does_and_changes_nothing():
         step.run(np.concatenate([x[:128], x[:64]]), np.concatenate([y[:128], bad]), 64)
 
 
+def test_a_bad_target_of_a_loss_after_the_update_raises_after_one_update_as_eager():
+    """A second loss computed after opt.step() with bad targets: the compiled call returns before any update
+    and runs the step eagerly, which updates once and raises, as eager does (not twice)."""
+    x, y, classes = dataset('synth', np.float32, n=200)
+    bad = y[:64].copy()
+    bad[3] = 9
+    runs = []
+    for compiled in (False, True):
+        model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+
+        def step(xb, yb, yb2):
+            loss = fn(xb, yb)
+            return loss, fg.cross_entropy(model(TensorNode(xb, requires_grad=False)), yb2)
+        run = fg.compile(step) if compiled else step
+        run(x[:64], y[:64], y[:64])
+        with pytest.raises(ValueError, match='got 9 at position 3'):
+            run(x[64:128], y[64:128], bad)
+        runs.append((model, opt))
+    assert_same_training(runs[0], runs[1], 1e-5)  # small layers as loops: eager to rounding
+
+
+def test_without_grads_a_step_with_small_loop_layers_is_not_fused():
+    """A step with layers written out as loops is compiled with fastmath, which contracts the updates inlined
+    into it; its sparse layer's update is then not fused, so that keep_grads=False moves the weights exactly
+    as keep_grads=True does."""
+    x, y, classes = dataset('sparse', np.float32, n=256)
+    runs = []
+    for keep_grads in (True, False):
+        model = fg.MLP(784, classes, hidden=[16], activation='relu', rng=0)  # 16 x 10 weights: loops
+        opt = fg.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        step = fg.compile(training_step(model, opt), keep_grads=keep_grads)
+        step.run(x, y, 128)
+        program = step.programs[next(iter(step.programs))]
+        assert program.loop_layers == 1 and program.has_sparse
+        with open(program.source) as f:
+            assert '_sparse_weight_grad_update(' not in f.read()
+        runs.append((model, opt))
+    assert_same_training(runs[0], runs[1], 0)
+
+
 class Cube(fg.Op):
     @staticmethod
     def forward(context, x):
@@ -445,6 +485,37 @@ def test_what_a_compiled_step_cannot_keep_is_refused():
         fg.compile(accumulates)(np.ones((4, 2)))
     with pytest.raises(TypeError, match='argument 0 is a TensorNode'):
         fg.compile(scaled)(TensorNode(np.ones((4, 2))))
+
+    def steps_first(xb):  # eagerly this steps on the gradient the previous call left in w.grad
+        opt.step()
+        opt.zero_grad()
+        loss = (TensorNode(xb, requires_grad=False) @ w).sum()
+        loss.backward()
+        return loss
+
+    before = w.value.copy()
+    with pytest.raises(TraceError, match=r'opt.step\(\) comes before backward\(\) in the step'):
+        fg.compile(steps_first)(np.ones((4, 2)))
+    np.testing.assert_array_equal(w.value, before)  # the traced run undone
+
+
+def test_the_same_array_as_two_arguments_is_two_arguments():
+    """Traced with one array passed twice, a step still reads each argument on later calls."""
+    x, y, classes = dataset('synth', np.float32, n=200)
+    runs = []
+    for compiled in (False, True):
+        model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+
+        def step(xb, yb, yb2):
+            return fn(xb, yb), fg.cross_entropy(model(TensorNode(xb, requires_grad=False)), yb2)
+        run = fg.compile(step) if compiled else step
+        targets = y[:64]
+        run(x[:64], targets, targets)
+        other = (y[64:128] + 1) % classes
+        losses = run(x[64:128], y[64:128], other)
+        runs.append([float(np.asarray(getattr(v, 'value', v))) for v in losses])
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+    assert runs[1][0] != runs[1][1]
 
 
 def test_vugrad_style_graph_compiles():
