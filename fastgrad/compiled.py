@@ -127,7 +127,7 @@ class Var:
         self.storage_of = None        # a gradient available in its parameter's storage layout as storage_name
         self.by_feature = None        # a 2-D value also held transposed, (features, rows), C-contiguous: that name
         self.scratch = False          # lives in a scratch buffer that the next call overwrites: copied if returned
-        self.fusable = None           # a sparse weight gradient whose update can take it row by row (Generator.fused_gradient)
+        self.fusable = None           # a sparse weight gradient its update may take row by row (fused_gradient)
 
     @property
     def scalar(self):
@@ -734,7 +734,8 @@ def _cross_entropy_forward(gen, ins, constants, context, value):
         # any update (the call then runs the step eagerly, which updates and raises where eager does)
         tk, r = gen.fresh('t'), gen.fresh('r')
         arg = gen.args[int(targets[1:])]
-        gen.prologue += [f'    {tk} = {targets if arg.dtype == np.int64 else f"np.ascontiguousarray({targets}).astype(np.int64)"}',
+        expr = targets if arg.dtype == np.int64 else f'np.ascontiguousarray({targets}).astype(np.int64)'
+        gen.prologue += [f'    {tk} = {expr}',
                          f'    for {r} in range({tk}.shape[0]):',
                          f'        if {tk}[{r}] < 0 or {tk}[{r}] >= {logits.shape[1]}:',
                          f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
