@@ -218,12 +218,18 @@ class Generator:
         self.constants[name] = np.array(value, dtype=dtype)
         return Var(name, value.shape, dtype)
 
-    def integers(self, name):
-        """An int64 C-contiguous array expression for the integer argument `name`."""
+    def integers(self, name, prologue=False):
+        """An int64 C-contiguous array expression for the integer argument `name` (made in the prologue, before
+        any update, when `prologue`)."""
         arg = self.args[int(name[1:])] if name.startswith('a') and name[1:].isdigit() else None
         if arg is not None and arg.dtype == np.int64:
             return name
-        return self.new(f'np.ascontiguousarray({name}).astype(np.int64)', np.shape(arg), np.int64, prefix='t').name
+        expr = f'np.ascontiguousarray({name}).astype(np.int64)'
+        if prologue:
+            t = self.fresh('t')
+            self.prologue.append(f'    {t} = {expr}')
+            return t
+        return self.new(expr, np.shape(arg), np.int64, prefix='t').name
 
     def argument(self, array, what):
         """The name of the argument that `array` is, for constants such as targets."""
@@ -388,9 +394,10 @@ class Generator:
         if optimizer not in self.optimizers:
             self.optimizers.append(optimizer)
         o = self.optimizers.index(optimizer)
+        backward_later = any(e[0] == 'backward' for e in self.recorder.events[self.event:])
         for gi, group in enumerate(optimizer.param_groups):
             for p in group['params']:
-                if id(p) not in self.grads and any(e[0] == 'backward' for e in self.recorder.events[self.event:]):
+                if id(p) not in self.grads and backward_later:
                     raise TraceError('fastgrad.compile: opt.step() comes before backward() in the step, so eagerly it '
                                      "would step on the gradient the previous call left; a compiled step's gradients "
                                      'are its own: call backward() before step()')
@@ -732,11 +739,8 @@ def _cross_entropy_forward(gen, ins, constants, context, value):
     if gen.optimizers and targets.startswith('a'):
         # a loss after an update: its targets are checked before anything runs, so that a bad one returns before
         # any update (the call then runs the step eagerly, which updates and raises where eager does)
-        tk, r = gen.fresh('t'), gen.fresh('r')
-        arg = gen.args[int(targets[1:])]
-        expr = targets if arg.dtype == np.int64 else f'np.ascontiguousarray({targets}).astype(np.int64)'
-        gen.prologue += [f'    {tk} = {expr}',
-                         f'    for {r} in range({tk}.shape[0]):',
+        tk, r = gen.integers(targets, prologue=True), gen.fresh('r')
+        gen.prologue += [f'    for {r} in range({tk}.shape[0]):',
                          f'        if {tk}[{r}] < 0 or {tk}[{r}] >= {logits.shape[1]}:',
                          f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
     scale = f'{1.0 / max(logits.shape[0], 1)!r}' if constants.get('reduction', 'mean') == 'mean' else '1.0'
