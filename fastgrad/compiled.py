@@ -32,12 +32,17 @@ once per traced program (so one compiled step must not run in two threads at onc
 and leaves in `.grad` is its own. An op without a compiled form (a user-defined Op, whose
 forward and backward are Python) makes the trace raise a TypeError that names it.
 """
+import atexit
+import builtins
+import dis
 import hashlib
-import importlib.util
+import operator
 import os
+import shutil
 import sys
 import tempfile
 import time
+import types
 
 import numba
 import numpy as np
@@ -45,6 +50,7 @@ import numpy as np
 from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
+from .modules import Module
 from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
 from .kernels.softmax import LOG_PRODUCT_MAX
 from .optim import SGD, Adam
@@ -63,6 +69,8 @@ class Recorder:
         self.events = []  # ('op', cls, inputs, constants, context, outputs) | ('backward', root) | ...
         self.first_values = {}  # id(parameter) -> (parameter, its value when first used)
         self.states = {}  # id(optimizer) -> (optimizer, {parameter: its state before the first step()})
+        self.groups = {}  # id(optimizer) -> (optimizer, its param_groups at its first step(): compared, copied)
+        self.modules = {}  # id(module) -> each Module called in the step
 
     def remember(self, inputs):
         for node in inputs:
@@ -85,14 +93,41 @@ class Recorder:
             self.states[id(optimizer)] = (optimizer, {
                 p: {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in optimizer.state[p].items()}
                 for p in optimizer.params if p in optimizer.state})
+        if id(optimizer) not in self.groups:
+            copies = [{**group, 'params': list(group['params'])} for group in optimizer.param_groups]
+            self.groups[id(optimizer)] = (optimizer, _hyperparameters(optimizer), copies)
         self.events.append(('step', optimizer))
+
+    def module(self, module):
+        self.modules.setdefault(id(module), module)
+
+    def hyperparameter(self, what):
+        """The step changes an optimizer's hyperparameters (called before the change is made)."""
+        raise TraceError(f'fastgrad.compile: the step {what}; a compiled step reads the hyperparameters at each '
+                         f'call and would not change them: do that outside the step, between calls')
+
+    def changed_hyperparameters(self):
+        """Refuses a step that changed an optimizer's param_groups after its step() (a hyperparameter or
+        which parameters a group holds); undo() puts them back."""
+        for optimizer, before, _ in self.groups.values():
+            if _hyperparameters(optimizer) != before:
+                raise TraceError("fastgrad.compile: the step changes the optimizer's param_groups after its step(); "
+                                 'a compiled step reads them at each call and would not change them: do that '
+                                 'outside the step, between calls')
 
     def undo(self):
         """Puts the parameters the optimizers stepped and their state back as they were before the traced run
         (arrays in place, so that every reference to them stays valid; nothing else may change in a step)."""
+        for optimizer, before, groups in self.groups.values():
+            if _hyperparameters(optimizer) != before:  # refused by changed_hyperparameters: put back in place
+                del optimizer.param_groups[len(groups):]
+                optimizer.param_groups += [{} for _ in range(len(groups) - len(optimizer.param_groups))]
+                for group, old in zip(optimizer.param_groups, groups):
+                    group.clear()
+                    group.update(old)
         for optimizer, before in self.states.values():
             for p in optimizer.params:
-                if id(p) in self.first_values:
+                if id(p) in self.first_values and p.value.flags.writeable:  # (a read-only one was not stepped)
                     np.copyto(p.value, self.first_values[id(p)][1])
                 state, old = optimizer.state.get(p, {}), before.get(p, {})
                 for name in list(state):
@@ -102,6 +137,12 @@ class Recorder:
                         state[name] = old[name]
                     else:
                         del state[name]
+
+
+def _hyperparameters(optimizer):
+    """Each group's settings, its parameters included (by identity), as comparable values."""
+    return [{k: (tuple(map(id, v)) if k == 'params' else v) for k, v in group.items()}
+            for group in optimizer.param_groups]
 
 
 class TraceError(TypeError):
@@ -161,6 +202,8 @@ class Generator:
         self.loop_layers = 0      # small dense layers written out as loops (see LOOP_MAX_WEIGHT)
         self.scratch_specs = []   # (shape, dtype) of each scratch buffer W0, W1, ... the step is passed
         self.hyper = {}           # (optimizer, group, dtype) -> name of its SGD hyperparameter array
+        self.literals = []        # data nodes of one number written in as literals (Program.guard watches them)
+        self.frozen = _module_nodes(recorder.modules.values())  # ids of the nodes the step's modules hold
 
     # names and lines
     def fresh(self, prefix='v'):
@@ -189,7 +232,8 @@ class Generator:
         for i, arg in enumerate(self.args):
             if value is arg:
                 return Var(f'a{i}', value.shape, value.dtype)
-        if node.requires_grad:  # a parameter
+        if node.requires_grad or id(node) in self.frozen and value.size > 1:
+            # a parameter, or a module's node that needs no gradient (a frozen layer): passed in every call
             if value.dtype.kind != 'f':
                 raise TraceError(f'fastgrad.compile: a parameter of dtype {value.dtype} (floating point only)')
             k = len(self.params)
@@ -200,6 +244,7 @@ class Generator:
             var.transposed = _storage_transposed(value)
             self.param_vars[id(node)] = var
             return var
+        self.literals.append(node)
         return self._constant(value, 'a data node')
 
     def _constant(self, value, what):
@@ -404,6 +449,9 @@ class Generator:
                 g = self.grads.get(id(p))
                 if g is None:
                     continue  # no gradient: left alone, as eager does
+                if not p.value.flags.writeable:
+                    raise TraceError(f'fastgrad.compile: a parameter of shape {p.value.shape} that the optimizer '
+                                     'steps is read-only (its writeable flag is off)')
                 pvar = self.var(p)
                 flat_p = f'{pvar.name}.reshape(-1)'
                 flat_g = self.flat_grad(g, pvar)
@@ -495,6 +543,26 @@ class Generator:
     def flat_grad(self, g, pvar):
         """g as a flat C-contiguous array in the memory order of pvar's storage."""
         return f'{self.stored_grad(g, pvar)}.reshape(-1)'
+
+
+def _module_nodes(modules):
+    """The ids of the TensorNodes the modules hold (as attributes, in lists or tuples, in sub-modules)."""
+    found, seen = set(), set()
+
+    def visit(obj):
+        if isinstance(obj, TensorNode):
+            found.add(id(obj))
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                visit(item)
+        elif isinstance(obj, Module) and id(obj) not in seen:
+            seen.add(id(obj))
+            for item in vars(obj).values():
+                visit(item)
+
+    for module in modules:
+        visit(module)
+    return found
 
 
 def _grad_dtype(value):
@@ -863,6 +931,12 @@ def _sum_backward(gen, ins, constants, needs, out, saved, g):
 def _select_forward(gen, ins, constants, context, value):
     (x,) = ins
     idx = gen.argument(constants['indices'], 'Select indices')
+    # indices out of range would read and write outside the arrays: checked before anything runs (a bad one
+    # returns, and the call then runs the step eagerly, which raises where eager does)
+    r = gen.fresh('r')
+    gen.prologue += [f'    for {r} in range({idx}.shape[0]):',
+                     f'        if {idx}[{r}] < 0 or {idx}[{r}] >= {x.shape[1]}:',
+                     f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
     out = gen.fresh('sel')
     gen.emit(f'{out} = np.empty({value.shape}, {_dtype_name(value.dtype)})')
     gen.emit(f'for i in range({value.shape[0]}):')
@@ -1028,8 +1102,10 @@ _FINGERPRINT = None
 
 
 def cache_dir():
-    """Where generated steps are written: $FASTGRAD_CACHE, else ~/.cache/fastgrad/compiled (a temporary
-    folder when neither can be written)."""
+    """Where generated steps are written: $FASTGRAD_CACHE, else ~/.cache/fastgrad/compiled. When that cannot
+    be written, a folder of this process's own in the temporary folder (said once on stderr): a shared one
+    that another user could have made would let their files run as this user's code."""
+    global _FALLBACK
     folder = os.environ.get('FASTGRAD_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'fastgrad', 'compiled')
     try:
         os.makedirs(folder, exist_ok=True)
@@ -1037,14 +1113,21 @@ def cache_dir():
             return folder
     except OSError:
         pass
-    folder = os.path.join(tempfile.gettempdir(), f'fastgrad-compiled-{os.getuid() if hasattr(os, "getuid") else 0}')
-    os.makedirs(folder, exist_ok=True)
-    return folder
+    if _FALLBACK is None:
+        _FALLBACK = tempfile.mkdtemp(prefix='fastgrad-compiled-')
+        atexit.register(shutil.rmtree, _FALLBACK, True)
+        print(f'fastgrad.compile: cannot write the cache folder {folder}; compiled steps go to {_FALLBACK} for '
+              f'this process', file=sys.stderr)
+    return _FALLBACK
+
+
+_FALLBACK = None
 
 
 def _load_module(source):
-    """Imports generated source from the cache folder (written once, atomically), registered in sys.modules
-    under its name first, which numba's cache needs to load it in a later process."""
+    """Imports generated source from the cache folder, registered in sys.modules under its name first, which
+    numba's cache needs to load it in a later process. The file is named by the hash of its text and written
+    once, atomically; one that holds anything else (damaged, or another step's text) is written again."""
     global _FINGERPRINT
     if _FINGERPRINT is None:
         _FINGERPRINT = _kernels_fingerprint()
@@ -1052,17 +1135,21 @@ def _load_module(source):
     name = 'fastgrad_step_' + hashlib.sha256(source.encode()).hexdigest()[:20]
     if name in sys.modules:
         return sys.modules[name]
-    folder = cache_dir()
-    path = os.path.join(folder, name + '.py')
-    if not os.path.exists(path):
-        from .files import atomic_open
-        with atomic_open(path) as f:
-            f.write(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    path = os.path.join(cache_dir(), name + '.py')
     try:
-        spec.loader.exec_module(module)
+        with open(path, encoding='utf-8', errors='replace', newline='') as f:
+            written = f.read() == source
+    except FileNotFoundError:
+        written = False
+    if not written:
+        from .files import atomic_open
+        with atomic_open(path, newline='') as f:
+            f.write(source)
+    module = types.ModuleType(name)
+    module.__file__ = path
+    sys.modules[name] = module
+    try:  # from the text itself, not from a .pyc that could be stale or damaged
+        exec(builtins.compile(source, path, 'exec'), module.__dict__)
     except BaseException:
         del sys.modules[name]
         raise
@@ -1076,7 +1163,7 @@ _HYPER = {SGD: ('lr', 'momentum', 'weight_decay', 'nesterov'), Adam: ('lr', 'bet
 class Program:
     """One traced variant of a step: the generated functions and what to pass them."""
 
-    def __init__(self, gen, results, single, with_grad, module):
+    def __init__(self, gen, results, single, with_grad, module, fn):
         self.params = list(gen.params)  # those whose gradient the step returns come first
         self.transposed = [gen.param_vars[id(p)].transposed for p in self.params]
         self.with_grad = len(with_grad)
@@ -1092,6 +1179,12 @@ class Program:
         self.epoch = getattr(module, 'epoch', None)
         self.source = module.__file__
         self.structure = self.structure_key()
+        self.modules, self.literals = list(gen.recorder.modules.values()), list(gen.literals)
+        self.closure = getattr(fn, '__closure__', None) or ()
+        self.globals = getattr(fn, '__globals__', {})
+        self.global_names = sorted({i.argval for i in dis.get_instructions(fn) if i.opname == 'LOAD_GLOBAL'}
+                                   if hasattr(fn, '__code__') else ())
+        self.guarded = self.guard()
         self.refs = self.hyper = None  # the arrays and hyperparameters the cached arguments were made from
         self.cached = None
         self.step_ready = self.epoch_ready = False  # compiled (or loaded from numba's cache) for their arguments
@@ -1107,10 +1200,44 @@ class Program:
                 key += [bool(group['momentum']) for group in opt.param_groups]
         return tuple(key)
 
+    def guard(self):
+        """What else the step's Python read at trace time, that a call must find unchanged, as (objects, compared
+        by identity; the bytes of each single number written in as a literal): each parameter's requires_grad
+        and whether its array is writeable, each optimizer group's list of parameters and its items, the
+        attributes of each Module called in the step (a list or tuple and its items), what the step function's
+        closure cells and the globals it names hold. The objects are kept, so none of their ids can be reused."""
+        seen = [p.requires_grad for p in self.params] + [p.value.flags.writeable for p in self.params]
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                seen.append(group['params'])
+                seen += group['params']
+        for module in self.modules:
+            for value in vars(module).values():
+                seen.append(value)
+                if isinstance(value, (list, tuple)):
+                    seen += value
+        for cell in self.closure:
+            try:
+                seen.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                seen.append(_MISSING)
+        found = self.globals
+        seen += [found.get(name, _MISSING) for name in self.global_names]
+        return seen, [node.value.tobytes() for node in self.literals]
+
+    def changed(self):
+        """Whether guard() differs from what it was at trace time."""
+        seen, literals = self.guard()
+        before, literals_before = self.guarded
+        return len(seen) != len(before) or not all(map(operator.is_, seen, before)) or literals != literals_before
+
     def arguments(self):
-        """The arrays to pass besides the batch, or None when the step must trace again (a parameter's array
-        or the optimizer's kind of update changed). Made anew only when a parameter's array, a state buffer
-        or a hyperparameter is not what it was at the last call; Adam's step counts are read every time."""
+        """The arrays to pass besides the batch, or None when the step must trace again (guard() changed, a
+        parameter's array or the optimizer's kind of update changed). Made anew only when a parameter's array,
+        a state buffer or a hyperparameter is not what it was at the last call; Adam's step counts are read
+        every time."""
+        if self.changed():
+            return None
         refs = [p.value for p in self.params]
         refs += [opt.state.get(p, _NO_STATE).get(name) for opt, p, name in self.state_args if name != 'step']
         hyper = [group[k] for opt in self.optimizers for group in opt.param_groups for k in _HYPER[type(opt)]]
@@ -1175,7 +1302,13 @@ class CompiledStep:
         """Compiles (or loads from numba's cache) `function` for these arguments before it first runs, so
         that compile_seconds holds compilation only."""
         start = time.perf_counter()
-        function.compile(tuple(numba.typeof(a) for a in call))
+        signature = tuple(numba.typeof(a) for a in call)
+        try:
+            function.compile(signature)
+        except Exception:
+            if not _drop_numba_cache(function):
+                raise
+            function.compile(signature)  # numba's cache of it was damaged (e.g. a truncated file): compiled anew
         self.compile_seconds += time.perf_counter() - start
 
     def _program(self, key):
@@ -1235,6 +1368,7 @@ class CompiledStep:
                 raise TraceError(f'fastgrad.compile: the step must return a TensorNode or a tuple of them, not '
                                  f'{type(node).__name__}')
         _check_untraced_updates(recorder)
+        recorder.changed_hyperparameters()
         gen = Generator(args, recorder, fuse_updates=not self.keep_grads)
         results = gen.run(nodes)
         if gen.fused and gen.loop_layers:
@@ -1245,8 +1379,9 @@ class CompiledStep:
         with_grad = [p for p in gen.params if self.keep_grads and gen.grads.get(id(p)) is not None]
         returned = {id(p) for p in with_grad}
         gen.params = with_grad + [p for p in gen.params if id(p) not in returned]
-        module = _load_module(_source(gen, args, results, with_grad, epoch=len(args) == 2 and single))
-        return Program(gen, results, single, with_grad, module)
+        epoch = len(args) == 2 and single and results[0].scalar  # fn(xb, yb) returning one loss
+        module = _load_module(_source(gen, args, results, with_grad, epoch=epoch))
+        return Program(gen, results, single, with_grad, module, self.fn)
 
     def run(self, x, y, batch_size, order=None):
         """One epoch of a step `fn(xb, yb)` that returns the loss: batches of `batch_size` rows of x and y,
@@ -1270,34 +1405,52 @@ class CompiledStep:
         n = len(order)
         full = n // batch_size
         losses = []
-        done = 0
         if full:
             key = (((batch_size,) + x.shape[1:], x.dtype), ((batch_size,) + y.shape[1:], y.dtype))
             program, arrays = self._program(key)
-            if program is None:  # trace on the first batch
+            if program is None:  # traced on the first batch (a trace is undone: the epoch then takes that batch)
                 idx = order[:batch_size]
-                losses.append(self(x[idx], y[idx]))
-                done = 1
+                self._trace((x[idx], y[idx]), key)
                 program, arrays = self._program(key)
             if program.epoch is None:
-                raise TypeError('run: the step must take two arrays (xb, yb) and return one loss')
-            if full > done:
-                out = np.empty(full - done, dtype=np.float64)
-                call = (x, y, order[done * batch_size:full * batch_size], out, *arrays, *_thread_args(program))
-                if not program.epoch_ready:
-                    self._compile(program.epoch, call)
-                    program.epoch_ready = True
-                status, took_sparse, grads = program.epoch(*call)
-                program.finish(arrays, took_sparse, grads)
-                if status != OK:  # a bad target in batch k: the batches before it have been stepped
-                    k = done + (status >> 8)
-                    idx = order[k * batch_size:(k + 1) * batch_size]
-                    self.fn(x[idx], y[idx])  # eagerly, which raises the error
-                losses.extend(out.tolist())
+                raise TypeError('run: the step must take two arrays (xb, yb) and return one loss (a TensorNode '
+                                'holding one number)')
+            out = np.empty(full, dtype=np.float64)
+            call = (x, y, order[:full * batch_size], out, *arrays, *_thread_args(program))
+            if not program.epoch_ready:
+                self._compile(program.epoch, call)
+                program.epoch_ready = True
+            status, took_sparse, grads = program.epoch(*call)
+            program.finish(arrays, took_sparse, grads)
+            if status != OK:  # a bad target in batch k: the batches before it have been stepped
+                k = status >> 8
+                idx = order[k * batch_size:(k + 1) * batch_size]
+                self.fn(x[idx], y[idx])  # eagerly, which raises the error
+            losses.extend(out.tolist())
         if n % batch_size:
             idx = order[full * batch_size:]
             losses.append(self(x[idx], y[idx]))
         return np.array([float(v) for v in losses])
+
+
+def _drop_numba_cache(function):
+    """Removes numba's cache files of a generated function's module; whether there were any."""
+    path = function.py_func.__code__.co_filename
+    folder = os.path.join(os.path.dirname(path), '__pycache__')
+    prefix = os.path.splitext(os.path.basename(path))[0] + '.'
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(('.nbi', '.nbc'))]
+    except OSError:
+        return False
+    for n in names:
+        try:
+            os.remove(os.path.join(folder, n))
+        except FileNotFoundError:
+            pass
+    return bool(names)
+
+
+_MISSING = object()  # an empty closure cell, or a global the step names that does not exist (yet)
 
 
 def _argument(a, i):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .core import TensorNode
+from .core import TensorNode, tracing
 from .files import Member, load_npz, save_npz
 from .ops import Linear as LinearOp
 
@@ -17,6 +17,8 @@ class Module:
         raise NotImplementedError
 
     def __call__(self, *args, **kwargs):
+        if tracing.recorder is not None:
+            tracing.recorder.module(self)
         return self.forward(*args, **kwargs)
 
     def named_parameters(self, prefix=''):

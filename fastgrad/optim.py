@@ -29,7 +29,7 @@ class FlatParam(NamedTuple):
     value: np.ndarray  # the parameter's array
     order: str         # its memory order, 'C' or 'F'
     flat: np.ndarray   # value.ravel(order), a view
-    state: dict        # buffer name -> flat view of state[p][name]
+    state: dict        # buffer name -> (state[p][name], its flat view), remade when state[p][name] changes
     empty: np.ndarray  # flat[:0], passed for a state the update rule does not use
 
 def _number(value):
@@ -126,6 +126,8 @@ class Optimizer:
 
     def __setattr__(self, key, value):
         if key in type(self).defaults and 'param_groups' in self.__dict__:
+            if tracing.recorder is not None:
+                tracing.recorder.hyperparameter(f'sets opt.{key}')
             for group in self.param_groups:
                 group[key] = value
         else:
@@ -170,7 +172,7 @@ class Optimizer:
 
     def _flat_param(self, p):
         flat = self._flat.get(p)
-        if flat is None or flat.value is not p.value:
+        if flat is None or flat.value is not p.value or not flat.value.flags.writeable:
             flat = self._flat[p] = self._flatten(p)
         return flat
 
@@ -180,20 +182,22 @@ class Optimizer:
         return self._buffer(p, self._flat_param(p), name)
 
     def _buffer(self, p, flat, name):
-        """state[p][name]: zeros shaped and laid out like the parameter, made at first use; returned as a
-        flat view in the parameter's memory order."""
-        view = flat.state.get(name)
-        if view is None:
-            state = self.state.setdefault(p, {})
-            buf = state.get(name)
-            if buf is None:
-                buf = state[name] = np.zeros_like(flat.value, order=flat.order)
-            elif buf.shape != flat.value.shape:  # the parameter was given an array of another shape
-                raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} has shape {flat.value.shape}, '
-                                 f'its {name} {buf.shape}')
-            elif _memory_order(buf) != flat.order:  # loaded from a checkpoint, which holds C order
-                buf = state[name] = np.asarray(buf, order=flat.order)
-            view = flat.state[name] = buf.ravel(flat.order)
+        """state[p][name]: zeros shaped and laid out like the parameter, made at first use (also after the
+        state was cleared); returned as a flat view in the parameter's memory order."""
+        state = self.state.setdefault(p, {})
+        buf = state.get(name)
+        cached = flat.state.get(name)
+        if cached is not None and cached[0] is buf:
+            return cached[1]
+        if buf is None:
+            buf = state[name] = np.zeros_like(flat.value, order=flat.order)
+        elif buf.shape != flat.value.shape:  # the parameter was given an array of another shape
+            raise ValueError(f'{type(self).__name__}: parameter {self._index(p)} has shape {flat.value.shape}, '
+                             f'its {name} {buf.shape}')
+        elif _memory_order(buf) != flat.order:  # loaded from a checkpoint, which holds C order
+            buf = state[name] = np.asarray(buf, order=flat.order)
+        view = buf.ravel(flat.order)
+        flat.state[name] = (buf, view)
         return view
 
     # -- state dicts: flat dicts of arrays (savable with np.savez, no pickle). One group's hyperparameters
@@ -412,6 +416,8 @@ class LRScheduler:
         raise NotImplementedError
 
     def step(self):
+        if tracing.recorder is not None:
+            tracing.recorder.hyperparameter(f'steps a learning-rate schedule ({type(self).__name__})')
         self.last_epoch += 1
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group['lr'] = self.lr_at(base_lr, self.last_epoch)

@@ -725,3 +725,225 @@ def test_train_lenet_compiled_and_eager_give_the_same_log_and_resume_across(tmp_
     fastgrad_train(tmp_path, *lenet_args, '-e', '1', '--eager', '--checkpoint', 'ck')
     fastgrad_train(tmp_path, *lenet_args, '-e', '2', '--checkpoint', 'ck', '--resume', '--log', 'resumed.jsonl')
     assert log(tmp_path / 'resumed.jsonl') == log(tmp_path / 'eager.jsonl')
+
+
+# -- what the step's Python read at trace time (a review of changes after compiling)
+def small_mlp_steps(change, frozen=False):
+    """An MLP step eager and compiled from twin models: two batches, `change(model, opt)` after the first
+    (on both), then two more; returns the twins' (model, opt) pairs and the compiled step."""
+    x, y, classes = dataset('synth', np.float32, n=256)
+    runs, compiled_step = [], None
+    for compiled in (False, True):
+        model = fg.MLP(2, classes, hidden=[16], rng=0)
+        if frozen:
+            for p in model.layers[0].parameters():
+                p.requires_grad = False
+        opt = fg.SGD([p for p in model.parameters()], lr=0.1, momentum=0.9)
+        step = training_step(model, opt)
+        if compiled:
+            step = compiled_step = fg.compile(step)
+        step(x[:64], y[:64])
+        change(model, opt)
+        step(x[64:128], y[64:128])
+        step(x[128:192], y[128:192])
+        runs.append((model, opt))
+    return runs, compiled_step
+
+
+@pytest.mark.parametrize('what', ['requires_grad', 'activation', 'layer_appended', 'groups_swapped'])
+def test_what_the_step_read_at_trace_time_changed_traces_again(what):
+    def change(model, opt):
+        if what == 'requires_grad':  # eager leaves a weight without a gradient alone
+            model.layers[0].w.requires_grad = False
+        elif what == 'activation':
+            model.activation = 'tanh'
+        elif what == 'layer_appended':  # into the optimizer's one group
+            model.layers.append(fg.Linear(model.layers[-1].w.shape[0], model.layers[-1].w.shape[0], rng=3))
+            opt.param_groups[0]['params'] += model.layers[-1].parameters()
+        else:
+            opt.param_groups[:] = [{**opt.param_groups[0], 'params': opt.params[:2]},
+                                   {**opt.param_groups[0], 'params': opt.params[2:], 'lr': 0.001}]
+    (eager, compiled), step = small_mlp_steps(change)
+    assert_same_training(eager, compiled, 1e-5)  # small layers as loops: eager to rounding
+    if what == 'requires_grad':
+        assert compiled[0].layers[0].w.grad_if_any is None
+    assert len(step.programs) == 1  # traced again for the same shapes: the variant replaced
+
+
+def test_a_frozen_layer_is_read_on_every_call():
+    """Fine-tuning: a layer whose parameters need no gradient is passed in like a parameter (not refused as a
+    data array), so a change to its weight takes effect."""
+    def change(model, opt):
+        model.layers[0].w.value *= 2  # in place
+    (eager, compiled), step = small_mlp_steps(change, frozen=True)
+    assert_same_training(eager, compiled, 1e-5)
+    np.testing.assert_array_equal(compiled[0].layers[0].w.value, eager[0].layers[0].w.value)
+
+
+def test_a_single_number_node_changed_after_compiling_traces_again():
+    x, y, classes = dataset('synth', np.float32, n=128)
+    losses = []
+    for compiled in (False, True):
+        model, opt, _ = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+        temperature = TensorNode(np.array(1.0, np.float32), requires_grad=False)
+
+        def step(xb, yb):
+            opt.zero_grad()
+            loss = fg.cross_entropy(model(TensorNode(xb, requires_grad=False)) * temperature, yb)
+            loss.backward()
+            opt.step()
+            return loss
+        run = fg.compile(step) if compiled else step
+        run(x[:64], y[:64])
+        temperature.value[...] = 3.0
+        loss = run(x[64:], y[64:])
+        losses.append(float(np.asarray(getattr(loss, 'value', loss))))
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+def test_vugrad_losses_with_indices_out_of_range_raise_as_eager_and_change_nothing():
+    """Select (vugrad's logceloss) with a bad label: its indices are checked before anything runs."""
+    x, y, classes = dataset('sparse', np.float32, n=192)
+    model = fg.MLP(784, 10, hidden=[32], rng=0)
+    opt = fg.SGD(model.parameters(), lr=0.1)
+
+    def step(xb, yb):
+        opt.zero_grad()
+        loss = fg.logceloss(fg.logsoftmax(model(TensorNode(xb, requires_grad=False))), yb)
+        loss.backward()
+        opt.step()
+        return loss
+    run = fg.compile(step)
+    run(x[:64], y[:64])
+    before = [p.value.copy() for p in model.parameters()]
+    for bad in (10, -1, 1_000_000):
+        labels = y[64:128].copy()
+        labels[5] = bad
+        with pytest.raises(ValueError, match=rf'Select: indices must be in \[0, 10\).*got {bad}'):
+            run(x[64:128], labels)
+        for p, b in zip(model.parameters(), before):
+            np.testing.assert_array_equal(p.value, b)
+    labels = y.copy()
+    labels[70] = 12
+    with pytest.raises(ValueError, match='got 12'):
+        run.run(x, labels, 64)
+
+
+@pytest.mark.parametrize('how', ['schedule', 'opt.lr', 'param_groups'])
+def test_a_step_that_changes_hyperparameters_is_refused_and_undone(how):
+    x, y, classes = dataset('synth', np.float32, n=64)
+    model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+    schedule = fg.StepLR(opt, step_size=1, gamma=0.5)
+    before = [p.value.copy() for p in model.parameters()]
+
+    def step(xb, yb):
+        loss = fn(xb, yb)
+        if how == 'schedule':
+            schedule.step()
+        elif how == 'opt.lr':
+            opt.lr = 0.5
+        else:
+            opt.param_groups[0]['lr'] = 0.5
+        return loss
+    with pytest.raises(TraceError, match='outside the step, between calls'):
+        fg.compile(step)(x, y)
+    assert opt.lr == 0.05 and schedule.last_epoch == 0
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+
+
+def test_run_refuses_a_step_without_one_loss_before_any_update():
+    x, y, classes = dataset('synth', np.float32, n=256)
+    model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+    before = [p.value.copy() for p in model.parameters()]
+
+    def logits(xb, yb):
+        fn(xb, yb)
+        return model(TensorNode(xb, requires_grad=False))
+
+    def two(xb, yb):
+        return fn(xb, yb), model(TensorNode(xb, requires_grad=False))
+    for step in (logits, two):
+        with pytest.raises(TypeError, match='return one loss'):
+            fg.compile(step).run(x, y, 64)
+        for p, b in zip(model.parameters(), before):
+            np.testing.assert_array_equal(p.value, b)
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+def test_cleared_optimizer_state_starts_again_from_zero(optimizer):
+    """opt.state.clear() (torch: a fresh state): both modes start the buffers again from zero."""
+    x, y, classes = dataset('synth', np.float32, n=256)
+    runs = []
+    for mode in ('eager', 'compiled', 'zeroed'):
+        model, opt, fn = make('synth', 'relu', optimizer, np.float32, classes, 2)
+        run = fg.compile(fn) if mode == 'compiled' else fn
+        run(x[:64], y[:64])
+        if mode == 'zeroed':
+            for state in opt.state.values():
+                for name, value in state.items():
+                    if isinstance(value, np.ndarray):
+                        value[...] = 0
+                    else:
+                        state[name] = 0
+        else:
+            opt.state.clear()
+        run(x[64:128], y[64:128])
+        run(x[128:192], y[128:192])
+        runs.append((model, opt))
+    assert_same_training(runs[0], runs[2], 0)
+    assert_same_training(runs[0], runs[1], 1e-5)
+
+
+def test_a_read_only_parameter_is_named_in_both_modes():
+    x, y, classes = dataset('synth', np.float32, n=128)
+    for compiled in (False, True):
+        model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+        run = fg.compile(fn) if compiled else fn
+        run(x[:64], y[:64])
+        model.layers[1].b.value.flags.writeable = False
+        with pytest.raises(ValueError, match='SGD: parameter 3 must be a writeable contiguous array'):
+            run(x[64:], y[64:])
+
+
+# -- the cache folder
+def test_a_damaged_or_foreign_cached_step_is_written_and_compiled_again(tmp_path, monkeypatch):
+    monkeypatch.setenv('FASTGRAD_CACHE', str(tmp_path))
+    for name in [n for n in sys.modules if n.startswith('fastgrad_step_')]:  # as in a new process
+        monkeypatch.delitem(sys.modules, name)
+    x, y, classes = dataset('synth', np.float32, n=256)
+    results = []
+    for damage in ('foreign', 'garbage', 'numba', None):  # each found by the next round
+        model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
+        step = fg.compile(fn)
+        losses = step.run(x, y, 96)  # two shapes: the full batches and the last
+        results.append((losses, [p.value.copy() for p in model.parameters()]))
+        files = sorted(tmp_path.glob('fastgrad_step_*.py'))
+        assert len(files) == 2
+        for path in files:  # as a new process would find them
+            del sys.modules[path.stem]
+        if damage == 'foreign':  # the full batches' file holds the last batch's step
+            full, last = sorted(files, key=lambda p: 'range(96)' not in p.read_text())
+            assert 'range(96)' not in last.read_text()
+            full.write_text(last.read_text())
+        elif damage == 'garbage':
+            files[0].write_text('garbage (((')
+        elif damage == 'numba':
+            for index in (tmp_path / '__pycache__').glob('*.nbi'):
+                index.write_bytes(index.read_bytes()[:50])
+    for losses, params in results[1:]:
+        np.testing.assert_array_equal(losses, results[0][0])
+        for p, q in zip(params, results[0][1]):
+            np.testing.assert_array_equal(p, q)
+
+
+def test_a_cache_folder_that_cannot_be_written_gives_a_private_one(tmp_path, monkeypatch, capsys):
+    not_a_folder = tmp_path / 'file'
+    not_a_folder.write_text('')
+    monkeypatch.setenv('FASTGRAD_CACHE', str(not_a_folder))
+    monkeypatch.setattr(compiled_module, '_FALLBACK', None)
+    folder = compiled_module.cache_dir()
+    assert compiled_module.cache_dir() == folder and os.path.dirname(folder) != str(tmp_path)
+    info = os.stat(folder)
+    assert info.st_uid == os.getuid() and info.st_mode & 0o077 == 0  # no other user can plant a step there
+    assert f'cannot write the cache folder {not_a_folder}' in capsys.readouterr().err
