@@ -224,6 +224,9 @@ def load_mnist(final=False, flatten=True, data_dir=None, dtype=np.float32):
         xtrain, ytrain, xval, yval = a['train_images'], a['train_labels'], a['test_images'], a['test_labels']
     else:
         cut = len(a['train_images']) - 10_000
+        if cut <= 0:
+            raise ValueError(f"{data_dir or 'MNIST'}: {len(a['train_images'])} training images, but the last 10,000 "
+                             f'validate: give more, or validate on the test images (final=True, --final)')
         xtrain, ytrain = a['train_images'][:cut], a['train_labels'][:cut]
         xval, yval = a['train_images'][cut:], a['train_labels'][cut:]
 

@@ -92,6 +92,11 @@ def build(config, num_features, num_classes):
         hidden = config.hidden if config.hidden else [4 * num_features]
         model = MLP(num_features, num_classes, hidden=list(hidden), activation=config.activation,
                     dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed), init=config.init)
+    with np.errstate(over='ignore'):
+        lr = np.dtype(config.dtype).type(config.lr)
+    if not (np.isfinite(lr) and lr > 0):  # the updates compute in the parameters' dtype
+        raise ValueError(f'--learning-rate {config.lr} is {lr} in {config.dtype}: use a positive rate that '
+                         f'{config.dtype} can hold')
     if config.optimizer == 'sgd':
         optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     elif config.optimizer == 'adam':
@@ -240,6 +245,14 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
     if resume and checkpoint and os.path.exists(os.path.join(checkpoint, CHECKPOINT_FILE)):
         history = load_checkpoint(checkpoint, config, model, optimizer, rng)
         if schedule is not None:
+            # a schedule laid out over the epochs (cosine; step without --step-size) changes with --epochs: the
+            # epochs already run must have had the rates it gives them
+            planned = [schedule.lr_at(schedule.base_lrs[0], k) for k in range(len(history))]
+            if planned != [r['lr'] for r in history]:
+                raise ValueError(f'{os.path.join(checkpoint, CHECKPOINT_FILE)}: its epochs ran at learning rates '
+                                 f"{[r['lr'] for r in history]}, but a {config.schedule} schedule over "
+                                 f'--epochs {config.epochs} gives them {planned}: resume with the --epochs it was '
+                                 f'made with, or use a new --checkpoint folder')
             schedule.load_state_dict({'last_epoch': len(history)})
     step = training_step(model, optimizer)
     compiled = None if config.eager else compile(step, keep_grads=False)  # nothing here reads a gradient

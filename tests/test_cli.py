@@ -1,6 +1,7 @@
 """`fastgrad train` end to end on synth: epoch lines, JSON log, plot, checkpoints, resume, bad arguments."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,34 @@ def test_resume_refuses_other_settings(tmp_path):
     train(TrainConfig(dataset='synth', epochs=1, hidden=[4]), checkpoint=tmp_path)
     with pytest.raises(ValueError, match='different settings.*hidden'):
         train(TrainConfig(dataset='synth', epochs=2, hidden=[5]), checkpoint=tmp_path, resume=True)
+
+
+def test_resume_with_other_epochs_only_where_the_epochs_run_keep_their_rates(tmp_path):
+    """A cosine schedule is laid out over --epochs: after two epochs of four, the second epoch's rate would
+    differ under eight; after one it would not (epoch 0 always runs at the initial rate)."""
+    cosine = dict(dataset='synth', hidden=[4], schedule='cosine')
+    train(TrainConfig(**cosine, epochs=2), checkpoint=tmp_path / 'two')
+    with pytest.raises(ValueError, match=r'two/checkpoint.npz: its epochs ran at learning rates \[0.01, 0.005\], but '
+                                         r'a cosine schedule over --epochs 4 gives them \[0.01, 0.0085'):
+        train(TrainConfig(**cosine, epochs=4), checkpoint=tmp_path / 'two', resume=True)
+    whole = train(TrainConfig(**cosine, epochs=3))
+    train(TrainConfig(**cosine, epochs=1), checkpoint=tmp_path / 'one')
+    resumed = train(TrainConfig(**cosine, epochs=3), checkpoint=tmp_path / 'one', resume=True)
+    assert [r['lr'] for r in resumed['history']] == [r['lr'] for r in whole['history']]
+
+
+@pytest.mark.parametrize('lr, dtype, value', [('1e-50', 'float32', '0.0'), ('1e300', 'float32', 'inf'),
+                                              ('1e-330', 'float64', '0.0')])
+def test_a_learning_rate_the_dtype_cannot_hold_is_refused(lr, dtype, value):
+    with pytest.raises(ValueError, match=re.escape(f'--learning-rate {float(lr)} is {value} in {dtype}')):
+        train(TrainConfig(dataset='synth', epochs=1, hidden=[4], lr=float(lr), dtype=dtype))
+
+
+def test_too_few_training_images_to_keep_10000_for_validation(tmp_path):
+    from test_data import make_idx_dataset
+    make_idx_dataset(tmp_path / 'idx', n_train=44, n_test=16)
+    with pytest.raises(ValueError, match=r'idx: 44 training images, but the last 10,000 validate.*--final'):
+        train(TrainConfig(dataset='mnist', epochs=1, hidden=[4], data_dir=str(tmp_path / 'idx')))
 
 
 @pytest.mark.slow

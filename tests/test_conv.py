@@ -334,8 +334,10 @@ def test_cli_train_lenet_on_idx_images_with_log_plot_and_checkpoint(tmp_path, ca
     from test_data import make_idx_dataset
     make_idx_dataset(tmp_path / 'idx', n_train=64, n_test=16)
     log, plot, ck = tmp_path / 'log.jsonl', tmp_path / 'curves.png', tmp_path / 'ck'
+    # a step schedule of a set size, since resuming with more epochs would change a cosine schedule's rates
     args = ['train', '-D', 'mnist', '--model', 'lenet', '--data-dir', str(tmp_path / 'idx'), '--final', '-e', '2',
-            '-b', '32', '--log', str(log), '--plot', str(plot), '--checkpoint', str(ck), '--no-progress']
+            '-b', '32', '--schedule', 'step', '--step-size', '1', '--log', str(log), '--plot', str(plot),
+            '--checkpoint', str(ck), '--no-progress']
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert 'epoch 001' in out and 'best accuracy' in out
