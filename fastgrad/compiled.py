@@ -17,8 +17,12 @@ What a compiled step captures, and what it reads anew on every call:
 - the optimizer's hyperparameters (lr, momentum, ... of each group) are read on every call, so a schedule
   or `opt.lr = x` takes effect (nesterov too); switching momentum on or off traces again; its state
   buffers are read from `optimizer.state` on every call (a loaded state dict is used);
-- the step's arguments; data nodes must hold an argument's array itself (`TensorNode(xb)`), and a constant
-  array that is neither an argument nor a single number is refused at trace time (it would be frozen);
+- the step's arguments; data nodes must hold an argument's array itself (`TensorNode(xb)`); a module's
+  nodes that need no gradient (a frozen layer) are passed in like parameters; any other constant array
+  that is not a single number is refused at trace time (it would be frozen);
+- what else the step's Python read at trace time (Program.guard: requires_grad, the optimizers' groups, the
+  attributes of the modules called, the step function's closure and globals, single-number literals) is
+  checked on every call, and a change traces again;
 - Python control flow runs at trace time only, as in jax.jit: values computed from the batch in Python
   inside the step are fixed at trace time; pass arrays in as arguments instead;
 - choices that depend on the data (the sparse-input path, taken per batch by its density) are made inside
@@ -39,6 +43,7 @@ import hashlib
 import operator
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -50,10 +55,9 @@ import numpy as np
 from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
-from .modules import Module
 from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
 from .kernels.softmax import LOG_PRODUCT_MAX
-from .optim import SGD, Adam
+from .optim import SGD, Adam, Optimizer
 
 __all__ = ['compile', 'CompiledStep']
 
@@ -67,15 +71,16 @@ class Recorder:
 
     def __init__(self):
         self.events = []  # ('op', cls, inputs, constants, context, outputs) | ('backward', root) | ...
-        self.first_values = {}  # id(parameter) -> (parameter, its value when first used)
+        self.first_values = {}  # id(leaf) -> (leaf node, its value when first used): parameters and data
         self.states = {}  # id(optimizer) -> (optimizer, {parameter: its state before the first step()})
-        self.groups = {}  # id(optimizer) -> (optimizer, its param_groups at its first step(): compared, copied)
+        # every optimizer's param_groups before the step: (optimizer, comparable, the objects and their contents)
+        self.groups = [(opt, _hyperparameters(opt), _group_contents(opt)) for opt in list(Optimizer.instances)]
         self.modules = {}  # id(module) -> each Module called in the step
 
     def remember(self, inputs):
         for node in inputs:
-            if node.requires_grad and node.source is None and id(node) not in self.first_values:
-                self.first_values[id(node)] = (node, node.value.copy())
+            if node.source is None and id(node) not in self.first_values:
+                self.first_values[id(node)] = (node, np.array(node.value))
 
     def op(self, cls, inputs, constants, context, outputs):
         self.remember(inputs)
@@ -93,9 +98,6 @@ class Recorder:
             self.states[id(optimizer)] = (optimizer, {
                 p: {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in optimizer.state[p].items()}
                 for p in optimizer.params if p in optimizer.state})
-        if id(optimizer) not in self.groups:
-            copies = [{**group, 'params': list(group['params'])} for group in optimizer.param_groups]
-            self.groups[id(optimizer)] = (optimizer, _hyperparameters(optimizer), copies)
         self.events.append(('step', optimizer))
 
     def module(self, module):
@@ -107,28 +109,32 @@ class Recorder:
                          f'call and would not change them: do that outside the step, between calls')
 
     def changed_hyperparameters(self):
-        """Refuses a step that changed an optimizer's param_groups after its step() (a hyperparameter or
-        which parameters a group holds); undo() puts them back."""
-        for optimizer, before, _ in self.groups.values():
+        """Refuses a step that changed an optimizer's param_groups (a hyperparameter or which parameters a
+        group holds); undo() puts them back."""
+        for optimizer, before, _ in self.groups:
             if _hyperparameters(optimizer) != before:
-                raise TraceError("fastgrad.compile: the step changes the optimizer's param_groups after its step(); "
-                                 'a compiled step reads them at each call and would not change them: do that '
-                                 'outside the step, between calls')
+                raise TraceError("fastgrad.compile: the step changes an optimizer's param_groups; a compiled step "
+                                 'reads them at each call and would not change them: do that outside the step, '
+                                 'between calls')
 
     def undo(self):
         """Puts the parameters the optimizers stepped and their state back as they were before the traced run
         (arrays in place, so that every reference to them stays valid; nothing else may change in a step)."""
-        for optimizer, before, groups in self.groups.values():
-            if _hyperparameters(optimizer) != before:  # refused by changed_hyperparameters: put back in place
-                del optimizer.param_groups[len(groups):]
-                optimizer.param_groups += [{} for _ in range(len(groups) - len(optimizer.param_groups))]
-                for group, old in zip(optimizer.param_groups, groups):
+        for optimizer, before, (groups, contents) in self.groups:
+            if _hyperparameters(optimizer) != before:  # refused by changed_hyperparameters: the same objects back
+                optimizer.__dict__['param_groups'] = groups
+                groups[:] = [group for group, _, _, _ in contents]
+                for group, settings, params, items in contents:
                     group.clear()
-                    group.update(old)
+                    group.update(settings)
+                    params[:] = items
+                    group['params'] = params
+        for node, first in self.first_values.values():  # leaves a step changed (refused unless stepped)
+            value = node.value
+            if isinstance(value, np.ndarray) and value.flags.writeable and value.shape == first.shape:
+                np.copyto(value, first)
         for optimizer, before in self.states.values():
             for p in optimizer.params:
-                if id(p) in self.first_values and p.value.flags.writeable:  # (a read-only one was not stepped)
-                    np.copyto(p.value, self.first_values[id(p)][1])
                 state, old = optimizer.state.get(p, {}), before.get(p, {})
                 for name in list(state):
                     if isinstance(state[name], np.ndarray):
@@ -137,6 +143,13 @@ class Recorder:
                         state[name] = old[name]
                     else:
                         del state[name]
+
+
+def _group_contents(optimizer):
+    """optimizer.param_groups as undo() puts it back: the list, and per group the dict, its settings, its list
+    of parameters and that list's items."""
+    return optimizer.param_groups, [(group, dict(group), group['params'], list(group['params']))
+                                    for group in optimizer.param_groups]
 
 
 def _hyperparameters(optimizer):
@@ -203,7 +216,8 @@ class Generator:
         self.scratch_specs = []   # (shape, dtype) of each scratch buffer W0, W1, ... the step is passed
         self.hyper = {}           # (optimizer, group, dtype) -> name of its SGD hyperparameter array
         self.literals = []        # data nodes of one number written in as literals (Program.guard watches them)
-        self.frozen = _module_nodes(recorder.modules.values())  # ids of the nodes the step's modules hold
+        # ids of the nodes the step's modules hold (a frozen layer's are passed in like parameters)
+        self.frozen = {id(node) for module in recorder.modules.values() for _, node in module.named_nodes()}
 
     # names and lines
     def fresh(self, prefix='v'):
@@ -449,9 +463,6 @@ class Generator:
                 g = self.grads.get(id(p))
                 if g is None:
                     continue  # no gradient: left alone, as eager does
-                if not p.value.flags.writeable:
-                    raise TraceError(f'fastgrad.compile: a parameter of shape {p.value.shape} that the optimizer '
-                                     'steps is read-only (its writeable flag is off)')
                 pvar = self.var(p)
                 flat_p = f'{pvar.name}.reshape(-1)'
                 flat_g = self.flat_grad(g, pvar)
@@ -543,26 +554,6 @@ class Generator:
     def flat_grad(self, g, pvar):
         """g as a flat C-contiguous array in the memory order of pvar's storage."""
         return f'{self.stored_grad(g, pvar)}.reshape(-1)'
-
-
-def _module_nodes(modules):
-    """The ids of the TensorNodes the modules hold (as attributes, in lists or tuples, in sub-modules)."""
-    found, seen = set(), set()
-
-    def visit(obj):
-        if isinstance(obj, TensorNode):
-            found.add(id(obj))
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                visit(item)
-        elif isinstance(obj, Module) and id(obj) not in seen:
-            seen.add(id(obj))
-            for item in vars(obj).values():
-                visit(item)
-
-    for module in modules:
-        visit(module)
-    return found
 
 
 def _grad_dtype(value):
@@ -1103,8 +1094,9 @@ _FINGERPRINT = None
 
 def cache_dir():
     """Where generated steps are written: $FASTGRAD_CACHE, else ~/.cache/fastgrad/compiled. When that cannot
-    be written, a folder of this process's own in the temporary folder (said once on stderr): a shared one
-    that another user could have made would let their files run as this user's code."""
+    be written, the temporary folder's fastgrad-compiled-<uid> if this user owns it and no one else may write
+    it (one that another user made would let their files run as this user's code), else a folder of this
+    process's own; said once on stderr."""
     global _FALLBACK
     folder = os.environ.get('FASTGRAD_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'fastgrad', 'compiled')
     try:
@@ -1114,10 +1106,20 @@ def cache_dir():
     except OSError:
         pass
     if _FALLBACK is None:
-        _FALLBACK = tempfile.mkdtemp(prefix='fastgrad-compiled-')
-        atexit.register(shutil.rmtree, _FALLBACK, True)
-        print(f'fastgrad.compile: cannot write the cache folder {folder}; compiled steps go to {_FALLBACK} for '
-              f'this process', file=sys.stderr)
+        uid = os.getuid() if hasattr(os, 'getuid') else 0
+        shared = os.path.join(tempfile.gettempdir(), f'fastgrad-compiled-{uid}')
+        try:
+            os.mkdir(shared, 0o700)
+        except OSError:
+            pass
+        info = os.lstat(shared) if os.path.lexists(shared) else None
+        if info is not None and stat.S_ISDIR(info.st_mode) and info.st_uid == uid and not info.st_mode & 0o022:
+            _FALLBACK = shared
+        else:
+            _FALLBACK = tempfile.mkdtemp(prefix='fastgrad-compiled-')
+            atexit.register(shutil.rmtree, _FALLBACK, True)
+        print(f'fastgrad.compile: cannot write the cache folder {folder}; compiled steps go to {_FALLBACK}',
+              file=sys.stderr)
     return _FALLBACK
 
 
@@ -1182,8 +1184,7 @@ class Program:
         self.modules, self.literals = list(gen.recorder.modules.values()), list(gen.literals)
         self.closure = getattr(fn, '__closure__', None) or ()
         self.globals = getattr(fn, '__globals__', {})
-        self.global_names = sorted({i.argval for i in dis.get_instructions(fn) if i.opname == 'LOAD_GLOBAL'}
-                                   if hasattr(fn, '__code__') else ())
+        self.global_names = sorted(_global_names(fn.__code__)) if hasattr(fn, '__code__') else []
         self.guarded = self.guard()
         self.refs = self.hyper = None  # the arrays and hyperparameters the cached arguments were made from
         self.cached = None
@@ -1192,8 +1193,7 @@ class Program:
     def structure_key(self):
         """What the code is specialised on besides the arguments: each parameter's array (shape, dtype,
         layout), each optimizer's kind of update (momentum or not) and its number of groups."""
-        key = [(p.value.shape, p.value.dtype.str, _storage_transposed(p.value), p.value.flags.writeable)
-               for p in self.params]
+        key = [(p.value.shape, p.value.dtype.str, _storage_transposed(p.value)) for p in self.params]
         for opt in self.optimizers:
             key.append(len(opt.param_groups))
             if isinstance(opt, SGD):
@@ -1205,7 +1205,8 @@ class Program:
         by identity; the bytes of each single number written in as a literal): each parameter's requires_grad
         and whether its array is writeable, each optimizer group's list of parameters and its items, the
         attributes of each Module called in the step (a list or tuple and its items), what the step function's
-        closure cells and the globals it names hold. The objects are kept, so none of their ids can be reused."""
+        closure cells and the globals it names hold, and whether each literal's node needs a gradient. The
+        objects are kept, so none of their ids can be reused."""
         seen = [p.requires_grad for p in self.params] + [p.value.flags.writeable for p in self.params]
         for opt in self.optimizers:
             for group in opt.param_groups:
@@ -1223,7 +1224,8 @@ class Program:
                 seen.append(_MISSING)
         found = self.globals
         seen += [found.get(name, _MISSING) for name in self.global_names]
-        return seen, [node.value.tobytes() for node in self.literals]
+        seen += [node.requires_grad for node in self.literals]
+        return seen, [np.asarray(node.value).tobytes() for node in self.literals]
 
     def changed(self):
         """Whether guard() differs from what it was at trace time."""
@@ -1305,10 +1307,10 @@ class CompiledStep:
         signature = tuple(numba.typeof(a) for a in call)
         try:
             function.compile(signature)
-        except Exception:
-            if not _drop_numba_cache(function):
+        except Exception as e:  # numba's own errors are compile errors; others come from loading a damaged cache
+            if isinstance(e, numba.core.errors.NumbaError) or not _drop_numba_cache(function):
                 raise
-            function.compile(signature)  # numba's cache of it was damaged (e.g. a truncated file): compiled anew
+            function.compile(signature)  # compiled anew
         self.compile_seconds += time.perf_counter() - start
 
     def _program(self, key):
@@ -1324,8 +1326,7 @@ class CompiledStep:
         key = tuple([(a.shape, a.dtype) for a in args])
         program, arrays = self._program(key)
         if program is None:
-            self._trace(args, key)
-            program, arrays = self._program(key)
+            program, arrays = self._trace(args, key)
         call = (*args, *arrays, *_thread_args(program))
         if not program.step_ready:
             self._compile(program.step, call)
@@ -1338,13 +1339,20 @@ class CompiledStep:
         return values[0] if program.single else tuple(values)
 
     def _trace(self, args, key):
+        """Traces the step for arguments of these shapes and dtypes; returns _program(key)."""
         # the same array passed as two arguments would tie both to the first in the recorded program
         args = tuple(a.copy() if any(a is b for b in args[:i]) else a for i, a in enumerate(args))
         start = time.perf_counter()
         try:
-            return self._trace_and_generate(args, key)
+            self._trace_and_generate(args, key)
         finally:
             self.compile_seconds += time.perf_counter() - start
+        program, arrays = self._program(key)
+        if program is None:
+            raise TraceError('fastgrad.compile: running the step changes what it read (a module attribute, a '
+                             "global, a parameter's array or requires_grad), so a program traced from it never "
+                             'matches the next call; run the step eagerly')
+        return program, arrays
 
     def _trace_and_generate(self, args, key):
         """Records the step by running it eagerly, writes and loads its program, and undoes the run (also when
@@ -1410,8 +1418,7 @@ class CompiledStep:
             program, arrays = self._program(key)
             if program is None:  # traced on the first batch (a trace is undone: the epoch then takes that batch)
                 idx = order[:batch_size]
-                self._trace((x[idx], y[idx]), key)
-                program, arrays = self._program(key)
+                program, arrays = self._trace((x[idx], y[idx]), key)
             if program.epoch is None:
                 raise TypeError('run: the step must take two arrays (xb, yb) and return one loss (a TensorNode '
                                 'holding one number)')
@@ -1433,10 +1440,20 @@ class CompiledStep:
         return np.array([float(v) for v in losses])
 
 
+def _global_names(code):
+    """The globals a function's code reads, its nested functions' and comprehensions' included."""
+    names = {i.argval for i in dis.get_instructions(code) if i.opname == 'LOAD_GLOBAL'}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
 def _drop_numba_cache(function):
     """Removes numba's cache files of a generated function's module; whether there were any."""
     path = function.py_func.__code__.co_filename
-    folder = os.path.join(os.path.dirname(path), '__pycache__')
+    folder = getattr(getattr(function, '_cache', None), '_cache_path', None) or \
+        os.path.join(os.path.dirname(path), '__pycache__')
     prefix = os.path.splitext(os.path.basename(path))[0] + '.'
     try:
         names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(('.nbi', '.nbc'))]
@@ -1472,17 +1489,18 @@ def _thread_args(program):
 
 
 def _check_untraced_updates(recorder):
-    """A parameter whose array changed during the trace without an optimizer step (a hand-written update
-    such as p.value -= lr * p.grad) would not change in the compiled step: refuse it."""
+    """A leaf (a parameter, a frozen layer's node, a data node) whose array changed during the trace without
+    an optimizer step (a hand-written update such as p.value -= lr * p.grad) would not change in the
+    compiled step: refuse it."""
     stepped = set()
     for event in recorder.events:
         if event[0] == 'step':
             stepped.update(id(p) for p in event[1].params)
     for key, (node, first) in recorder.first_values.items():
-        if key not in stepped and (node.value.shape != first.shape or not np.array_equal(node.value, first, equal_nan=True)):
-            raise TraceError('fastgrad.compile: a parameter changed during the step without an optimizer step (an '
-                             'update written by hand, such as p.value -= lr * p.grad, would not run in compiled '
-                             'code); use fastgrad.SGD or Adam in the step, or run it eagerly')
+        if key not in stepped and not np.array_equal(node.value, first, equal_nan=True):
+            raise TraceError(f'fastgrad.compile: a node of shape {first.shape} changed during the step without an '
+                             'optimizer step (an update written by hand, such as p.value -= lr * p.grad, would not '
+                             'run in compiled code); use fastgrad.SGD or Adam in the step, or run it eagerly')
 
 
 def _zeros(var):

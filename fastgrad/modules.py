@@ -21,16 +21,18 @@ class Module:
             tracing.recorder.module(self)
         return self.forward(*args, **kwargs)
 
-    def named_parameters(self, prefix=''):
+    def named_nodes(self, prefix=''):
+        """Every TensorNode the module holds (as attributes, in sub-modules, in lists or tuples of either), once
+        each, in the order they were assigned, named as state_dict names them."""
         found, seen = [], set()
 
         def visit(name, obj):
             if isinstance(obj, TensorNode):
-                if obj.requires_grad and id(obj) not in seen:
+                if id(obj) not in seen:
                     seen.add(id(obj))
                     found.append((name, obj))
             elif isinstance(obj, Module):
-                for sub, node in obj.named_parameters(prefix=name + '.'):
+                for sub, node in obj.named_nodes(prefix=name + '.'):
                     visit(sub, node)
             elif isinstance(obj, (list, tuple)):
                 for i, item in enumerate(obj):
@@ -39,6 +41,10 @@ class Module:
         for key, value in vars(self).items():
             visit(prefix + key, value)
         return found
+
+    def named_parameters(self, prefix=''):
+        """The nodes (named_nodes) that require a gradient."""
+        return [(name, node) for name, node in self.named_nodes(prefix) if node.requires_grad]
 
     def parameters(self):
         return [node for _, node in self.named_parameters()]

@@ -9,6 +9,7 @@ To add an optimizer: its update loop and rule code in kernels/optim.py, a subcla
 and `_update`, and its name in fastgrad/__init__.py.
 """
 import math
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -79,6 +80,7 @@ HYPERPARAMETERS = {
 class Optimizer:
     """Base class. `defaults`: each hyperparameter and its default (None: the user must give it)."""
     defaults = {}
+    instances = weakref.WeakSet()  # every live optimizer: fastgrad.compile notes their param_groups before a trace
 
     def __init__(self, params, hyperparameters):
         name = type(self).__name__
@@ -86,6 +88,7 @@ class Optimizer:
         if not params:
             raise ValueError(f'{name}: got an empty parameter list')
         object.__setattr__(self, 'param_groups', [])
+        Optimizer.instances.add(self)
         self.state = {}
         self._flat = {}
         for group in (params if isinstance(params[0], dict) else [{'params': params}]):
@@ -126,7 +129,7 @@ class Optimizer:
 
     def __setattr__(self, key, value):
         if key in type(self).defaults and 'param_groups' in self.__dict__:
-            if tracing.recorder is not None:
+            if tracing.recorder is not None and any(group[key] != value for group in self.param_groups):
                 tracing.recorder.hyperparameter(f'sets opt.{key}')
             for group in self.param_groups:
                 group[key] = value

@@ -92,11 +92,6 @@ def build(config, num_features, num_classes):
         hidden = config.hidden if config.hidden else [4 * num_features]
         model = MLP(num_features, num_classes, hidden=list(hidden), activation=config.activation,
                     dtype=np.dtype(config.dtype), rng=np.random.default_rng(init_seed), init=config.init)
-    with np.errstate(over='ignore'):
-        lr = np.dtype(config.dtype).type(config.lr)
-    if not (np.isfinite(lr) and lr > 0):  # the updates compute in the parameters' dtype
-        raise ValueError(f'--learning-rate {config.lr} is {lr} in {config.dtype}: use a positive rate that '
-                         f'{config.dtype} can hold')
     if config.optimizer == 'sgd':
         optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     elif config.optimizer == 'adam':
@@ -238,6 +233,11 @@ def train(config, on_epoch=None, checkpoint=None, resume=False, progress=False, 
     epoch's learning rate), seconds and samples_per_second. Raises TrainingDiverged when the loss becomes NaN or infinite, and
     KeyboardInterrupt between two steps once should_stop() is true.
     """
+    with np.errstate(over='ignore'):
+        lr = np.dtype(config.dtype).type(config.lr)
+    if not (np.isfinite(lr) and lr > 0):  # the updates compute in the parameters' dtype
+        raise ValueError(f'--learning-rate {config.lr} is {lr} in {config.dtype}: use a positive rate that '
+                         f'{config.dtype} can hold')
     (xtrain, ytrain), (xval, yval), num_classes = data or load_data(config)
     model, optimizer, rng = build(config, xtrain.shape[1] if xtrain.ndim == 2 else xtrain.shape[1:], num_classes)
     schedule = make_schedule(config, optimizer)

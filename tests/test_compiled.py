@@ -729,55 +729,79 @@ def test_train_lenet_compiled_and_eager_give_the_same_log_and_resume_across(tmp_
 
 # -- what the step's Python read at trace time (a review of changes after compiling)
 def small_mlp_steps(change, frozen=False):
-    """An MLP step eager and compiled from twin models: two batches, `change(model, opt)` after the first
-    (on both), then two more; returns the twins' (model, opt) pairs and the compiled step."""
+    """An MLP step eager and compiled from twin models: a batch, `change(model, opt)` (on both), then two
+    more; returns the twins' (model, opt) pairs and whether the compiled step traced again after the change.
+    The optimizer has two groups: the first layer's parameters and the second's (lr 0.001)."""
     x, y, classes = dataset('synth', np.float32, n=256)
-    runs, compiled_step = [], None
+    runs = []
     for compiled in (False, True):
         model = fg.MLP(2, classes, hidden=[16], rng=0)
         if frozen:
             for p in model.layers[0].parameters():
                 p.requires_grad = False
-        opt = fg.SGD([p for p in model.parameters()], lr=0.1, momentum=0.9)
+        opt = fg.SGD([{'params': [p for p in model.layers[0].parameters() if p.requires_grad]},
+                      {'params': model.layers[1].parameters(), 'lr': 0.001}], lr=0.1, momentum=0.9)
         step = training_step(model, opt)
         if compiled:
-            step = compiled_step = fg.compile(step)
+            step = fg.compile(step)
         step(x[:64], y[:64])
+        first = compiled and list(step.programs.values())
         change(model, opt)
         step(x[64:128], y[64:128])
         step(x[128:192], y[128:192])
         runs.append((model, opt))
-    return runs, compiled_step
+    return runs, list(step.programs.values()) != first
 
 
-@pytest.mark.parametrize('what', ['requires_grad', 'activation', 'layer_appended', 'groups_swapped'])
+@pytest.mark.parametrize('what', ['requires_grad', 'activation', 'layer_appended', 'moved_between_groups'])
 def test_what_the_step_read_at_trace_time_changed_traces_again(what):
     def change(model, opt):
         if what == 'requires_grad':  # eager leaves a weight without a gradient alone
             model.layers[0].w.requires_grad = False
         elif what == 'activation':
             model.activation = 'tanh'
-        elif what == 'layer_appended':  # into the optimizer's one group
+        elif what == 'layer_appended':  # into the second group
             model.layers.append(fg.Linear(model.layers[-1].w.shape[0], model.layers[-1].w.shape[0], rng=3))
-            opt.param_groups[0]['params'] += model.layers[-1].parameters()
-        else:
-            opt.param_groups[:] = [{**opt.param_groups[0], 'params': opt.params[:2]},
-                                   {**opt.param_groups[0], 'params': opt.params[2:], 'lr': 0.001}]
-    (eager, compiled), step = small_mlp_steps(change)
+            opt.param_groups[1]['params'] += model.layers[-1].parameters()
+        else:  # the first layer's bias into the second group (lr 0.001): still two groups
+            opt.param_groups[1]['params'].append(opt.param_groups[0]['params'].pop())
+    (eager, compiled), traced_again = small_mlp_steps(change)
+    assert traced_again
     assert_same_training(eager, compiled, 1e-5)  # small layers as loops: eager to rounding
     if what == 'requires_grad':
         assert compiled[0].layers[0].w.grad_if_any is None
-    assert len(step.programs) == 1  # traced again for the same shapes: the variant replaced
 
 
 def test_a_frozen_layer_is_read_on_every_call():
     """Fine-tuning: a layer whose parameters need no gradient is passed in like a parameter (not refused as a
     data array), so a change to its weight takes effect."""
     def change(model, opt):
-        model.layers[0].w.value *= 2  # in place
-    (eager, compiled), step = small_mlp_steps(change, frozen=True)
+        model.layers[0].w.value *= 2  # in place: the second layer then trains on other inputs
+    (eager, compiled), traced_again = small_mlp_steps(change, frozen=True)
+    assert not traced_again
     assert_same_training(eager, compiled, 1e-5)
-    np.testing.assert_array_equal(compiled[0].layers[0].w.value, eager[0].layers[0].w.value)
+
+
+def test_a_frozen_node_changed_by_hand_in_the_step_is_refused_and_undone():
+    """A teacher's weight moved by hand in the step (an EMA) would not move in compiled code."""
+    x, y, classes = dataset('synth', np.float32, n=64)
+    student, teacher = (fg.MLP(2, classes, hidden=[16], rng=0) for _ in range(2))
+    for p in teacher.parameters():
+        p.requires_grad = False
+    opt = fg.SGD(student.parameters(), lr=0.1)
+    before = teacher.layers[0].w.value.copy()
+
+    def step(xb, yb):
+        opt.zero_grad()
+        data = TensorNode(xb, requires_grad=False)
+        loss = fg.cross_entropy(student(data), yb) + fg.cross_entropy(teacher(data), yb)
+        loss.backward()
+        opt.step()
+        teacher.layers[0].w.value[...] = 0.9 * teacher.layers[0].w.value + 0.1 * student.layers[0].w.value
+        return loss
+    with pytest.raises(TraceError, match='changed during the step without an optimizer step'):
+        fg.compile(step)(x, y)
+    np.testing.assert_array_equal(teacher.layers[0].w.value, before)
 
 
 def test_a_single_number_node_changed_after_compiling_traces_again():
@@ -829,7 +853,7 @@ def test_vugrad_losses_with_indices_out_of_range_raise_as_eager_and_change_nothi
         run.run(x, labels, 64)
 
 
-@pytest.mark.parametrize('how', ['schedule', 'opt.lr', 'param_groups'])
+@pytest.mark.parametrize('how', ['schedule', 'opt.lr', 'param_groups', 'param_groups before step'])
 def test_a_step_that_changes_hyperparameters_is_refused_and_undone(how):
     x, y, classes = dataset('synth', np.float32, n=64)
     model, opt, fn = make('synth', 'relu', 'sgd', np.float32, classes, 2)
@@ -837,6 +861,8 @@ def test_a_step_that_changes_hyperparameters_is_refused_and_undone(how):
     before = [p.value.copy() for p in model.parameters()]
 
     def step(xb, yb):
+        if how == 'param_groups before step':  # a warm-up written by hand
+            opt.param_groups[0]['lr'] = 0.01
         loss = fn(xb, yb)
         if how == 'schedule':
             schedule.step()
@@ -845,9 +871,10 @@ def test_a_step_that_changes_hyperparameters_is_refused_and_undone(how):
         else:
             opt.param_groups[0]['lr'] = 0.5
         return loss
+    group = opt.param_groups[0]
     with pytest.raises(TraceError, match='outside the step, between calls'):
         fg.compile(step)(x, y)
-    assert opt.lr == 0.05 and schedule.last_epoch == 0
+    assert opt.lr == 0.05 and schedule.last_epoch == 0 and opt.param_groups[0] is group
     for p, b in zip(model.parameters(), before):
         np.testing.assert_array_equal(p.value, b)
 
@@ -937,13 +964,18 @@ def test_a_damaged_or_foreign_cached_step_is_written_and_compiled_again(tmp_path
             np.testing.assert_array_equal(p, q)
 
 
-def test_a_cache_folder_that_cannot_be_written_gives_a_private_one(tmp_path, monkeypatch, capsys):
+def test_a_cache_folder_that_cannot_be_written_gives_one_no_other_user_can_write(tmp_path, monkeypatch, capsys):
     not_a_folder = tmp_path / 'file'
     not_a_folder.write_text('')
     monkeypatch.setenv('FASTGRAD_CACHE', str(not_a_folder))
-    monkeypatch.setattr(compiled_module, '_FALLBACK', None)
-    folder = compiled_module.cache_dir()
-    assert compiled_module.cache_dir() == folder and os.path.dirname(folder) != str(tmp_path)
-    info = os.stat(folder)
-    assert info.st_uid == os.getuid() and info.st_mode & 0o077 == 0  # no other user can plant a step there
-    assert f'cannot write the cache folder {not_a_folder}' in capsys.readouterr().err
+    monkeypatch.setattr(compiled_module.tempfile, 'tempdir', str(tmp_path))
+    shared = tmp_path / f'fastgrad-compiled-{os.getuid()}'
+    for planted in (False, True):
+        monkeypatch.setattr(compiled_module, '_FALLBACK', None)
+        if planted:  # made by someone else's hand, writable by all: not used
+            shared.chmod(0o777)
+        folder = compiled_module.cache_dir()
+        assert compiled_module.cache_dir() == folder and (folder == str(shared)) != planted
+        info = os.stat(folder)
+        assert info.st_uid == os.getuid() and info.st_mode & 0o077 == 0
+        assert f'cannot write the cache folder {not_a_folder}; compiled steps go to {folder}' in capsys.readouterr().err
