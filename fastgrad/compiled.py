@@ -118,8 +118,9 @@ class Recorder:
                                  'between calls')
 
     def undo(self):
-        """Puts the parameters the optimizers stepped and their state back as they were before the traced run
-        (arrays in place, so that every reference to them stays valid; nothing else may change in a step)."""
+        """Puts back as they were before the traced run the optimizers' param_groups (when the step changed them),
+        the leaves the step used (the parameters it stepped, any other it changed) and the optimizers' state:
+        the same objects, arrays written in place, so that every reference to them stays valid."""
         for optimizer, before, (groups, contents) in self.groups:
             if _hyperparameters(optimizer) != before:  # refused by changed_hyperparameters: the same objects back
                 optimizer.__dict__['param_groups'] = groups
