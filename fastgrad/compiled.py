@@ -1424,8 +1424,13 @@ class CompiledStep:
                 raise TypeError('run: the step must take two arrays (xb, yb) and return one loss (a TensorNode '
                                 'holding one number)')
             out = np.empty(full, dtype=np.float64)
-            call = (x, y, order[:full * batch_size], out, *arrays, *_thread_args(program))
+            threads = _thread_args(program)
+            call = (x, y, order[:full * batch_size], out, *arrays, *threads)
             if not program.epoch_ready:
+                if not program.step_ready:  # the step first, as a call compiles it: the epoch then links that code
+                    idx = order[:batch_size]
+                    self._compile(program.step, (x[idx], y[idx], *arrays, *threads))
+                    program.step_ready = True
                 self._compile(program.epoch, call)
                 program.epoch_ready = True
             status, took_sparse, grads = program.epoch(*call)
