@@ -576,6 +576,27 @@ def test_a_second_process_loads_the_compiled_step_from_the_cache(tmp_path):
     assert 'Counter()' in misses2 and hits2 != 'Counter()', runs[1].stdout  # loaded, not compiled
 
 
+TRAIN_ONE_EPOCH = """
+import hashlib
+from fastgrad.train import TrainConfig, train
+result = train(TrainConfig(dataset='synth', epochs=1, hidden=[16], seed=3))
+print(repr(result['history'][0]['train_loss']),
+      hashlib.sha256(b''.join(p.value.tobytes() for p in result['model'].parameters())).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_a_run_from_a_cold_cache_equals_one_from_the_warm_cache(tmp_path):
+    """The first process compiles the epoch, the second loads it from numba's cache: the same losses and
+    parameters bit for bit (compiled in another order, the epoch's cached code once ran otherwise)."""
+    env = dict(os.environ, FASTGRAD_CACHE=str(tmp_path / 'steps'), NUMBA_CACHE_DIR=str(tmp_path / 'numba'))
+    runs = [subprocess.run([sys.executable, '-c', TRAIN_ONE_EPOCH], capture_output=True, text=True, env=env)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[0].stdout == runs[1].stdout
+
+
 def fastgrad_train(tmp_path, *args):
     run = subprocess.run([sys.executable, '-m', 'fastgrad', 'train', '--no-progress', *args], capture_output=True,
                          text=True, cwd=tmp_path)
