@@ -104,7 +104,8 @@ class Recorder:
         self.modules.setdefault(id(module), module)
 
     def hyperparameter(self, what):
-        """The step changes an optimizer's hyperparameters (called before the change is made)."""
+        """The step changes an optimizer's hyperparameters through an object with state of its own (a schedule:
+        called before it changes anything, which undo() would not put back)."""
         raise TraceError(f'fastgrad.compile: the step {what}; a compiled step reads the hyperparameters at each '
                          f'call and would not change them: do that outside the step, between calls')
 
@@ -290,6 +291,14 @@ class Generator:
             self.prologue.append(f'    {t} = {expr}')
             return t
         return self.new(expr, np.shape(arg), np.int64, prefix='t').name
+
+    def check_indices(self, name, bound):
+        """A prologue check that every entry of the integer array `name` lies in [0, bound): a call with one that
+        does not returns BAD_TARGET before anything runs."""
+        r = self.fresh('r')
+        self.prologue += [f'    for {r} in range({name}.shape[0]):',
+                          f'        if {name}[{r}] < 0 or {name}[{r}] >= {bound}:',
+                          f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
 
     def argument(self, array, what):
         """The name of the argument that `array` is, for constants such as targets."""
@@ -799,10 +808,7 @@ def _cross_entropy_forward(gen, ins, constants, context, value):
     if gen.optimizers and targets.startswith('a'):
         # a loss after an update: its targets are checked before anything runs, so that a bad one returns before
         # any update (the call then runs the step eagerly, which updates and raises where eager does)
-        tk, r = gen.integers(targets, prologue=True), gen.fresh('r')
-        gen.prologue += [f'    for {r} in range({tk}.shape[0]):',
-                         f'        if {tk}[{r}] < 0 or {tk}[{r}] >= {logits.shape[1]}:',
-                         f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
+        gen.check_indices(gen.integers(targets, prologue=True), logits.shape[1])
     scale = f'{1.0 / max(logits.shape[0], 1)!r}' if constants.get('reduction', 'mean') == 'mean' else '1.0'
     loss = gen.new(f'{_dtype_name(value.dtype)}({total} * {scale})', (), value.dtype, prefix='loss')
     return loss, (probs, t, scale, transposed)
@@ -925,10 +931,7 @@ def _select_forward(gen, ins, constants, context, value):
     idx = gen.argument(constants['indices'], 'Select indices')
     # indices out of range would read and write outside the arrays: checked before anything runs (a bad one
     # returns, and the call then runs the step eagerly, which raises where eager does)
-    r = gen.fresh('r')
-    gen.prologue += [f'    for {r} in range({idx}.shape[0]):',
-                     f'        if {idx}[{r}] < 0 or {idx}[{r}] >= {x.shape[1]}:',
-                     f'            return {BAD_TARGET}, took_sparse, {ERROR_VALUES}']
+    gen.check_indices(idx, x.shape[1])
     out = gen.fresh('sel')
     gen.emit(f'{out} = np.empty({value.shape}, {_dtype_name(value.dtype)})')
     gen.emit(f'for i in range({value.shape[0]}):')

@@ -129,8 +129,6 @@ class Optimizer:
 
     def __setattr__(self, key, value):
         if key in type(self).defaults and 'param_groups' in self.__dict__:
-            if tracing.recorder is not None and any(group[key] != value for group in self.param_groups):
-                tracing.recorder.hyperparameter(f'sets opt.{key}')
             for group in self.param_groups:
                 group[key] = value
         else:
