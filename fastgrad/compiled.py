@@ -209,6 +209,8 @@ class Generator:
         self.optimizers = []      # optimizers stepped, in order
         self.state_args = []      # (optimizer, param, state name) passed in as flat buffers
         self.state_index = {}     # (id(optimizer), id(param), name) -> position in state_args
+        self.row_params = set()   # ids of parameters passed as 2-D rows that a compiled epoch pads (fused updates)
+        self.row_states = set()   # positions in state_args of their state buffers, passed 2-D like them
         self.grads = {}           # id(param) -> Var of its gradient so far (None: zero)
         self.saved = {}           # id(op output) -> what its op's backward needs from the forward
         self.recorder = recorder
@@ -474,25 +476,32 @@ class Generator:
                 if g is None:
                     continue  # no gradient: left alone, as eager does
                 pvar = self.var(p)
-                flat_p = f'{pvar.name}.reshape(-1)'
-                flat_g = self.flat_grad(g, pvar)
                 dtype = _dtype_name(pvar.dtype)
+                # a fused update takes the weight and its state as 2-D rows (which a compiled epoch may pad),
+                # other updates flat arrays
+                fused = self.fused_gradient(g, p)
+                rows = fused is not None
+                if rows:
+                    self.row_params.add(id(p))
+                p_arg = pvar.name if rows else f'{pvar.name}.reshape(-1)'
+                unused = f'np.empty(({p.value.shape[-1]}, 0), {dtype})' if rows else f'{p_arg}[:0]'  # rows of w.T
+                g_arg = self.stored_grad(g, pvar) if rows else self.flat_grad(g, pvar)
                 h = f'H{o}[{gi}]'
                 size = p.value.size
                 if isinstance(optimizer, SGD):
                     if group['momentum']:
-                        buf = self.state_arg(optimizer, p, 'momentum_buffer')
+                        buf = self.state_arg(optimizer, p, 'momentum_buffer', rows)
                     else:
-                        buf = f'{flat_p}[:0]'
+                        buf = unused
                     key = (o, gi, dtype)
                     if key not in self.hyper:  # one array per group and dtype, made once a step
                         self.hyper[key] = self.new(f'np.array(({dtype}({h}[0]), {dtype}({h}[1]), {dtype}({h}[2]), '
                                                    f'{dtype}(0), {dtype}(0), {dtype}(0)))', (6,), pvar.dtype,
                                                    prefix='hyper').name
                     rule = f'np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]})'
-                    state = f'{buf}, {flat_p}[:0], {self.hyper[key]}'
+                    state = f'{buf}, {unused}, {self.hyper[key]}'
                 else:
-                    m, v = self.state_arg(optimizer, p, 'exp_avg'), self.state_arg(optimizer, p, 'exp_avg_sq')
+                    m, v = (self.state_arg(optimizer, p, name, rows) for name in ('exp_avg', 'exp_avg_sq'))
                     k = self.state_index[id(optimizer), id(p), 'step']
                     self.emit(f'S{k}[0] += 1')
                     # the step as a float: numba raises a float to an integer power by repeated squaring, an ulp
@@ -503,22 +512,20 @@ class Generator:
                                      f'{dtype}(1 / np.sqrt(1 - {h}[2] ** {t}))))', (6,), pvar.dtype, prefix='hyper')
                     rule = f'np.int64({kernels.RULES["adam"]})'
                     state = f'{m}, {v}, {hyper.name}'
-                indent = ''
-                fused = self.fused_gradient(g, p)
-                if fused is not None:  # the sparse branch updates row by row; the dense one as below
+                if rows:  # the sparse branch updates row by row as it sums them; the dense one after
                     line, sparse, operands = fused
                     self.lines[line] = f'{self.lines[line].split(" = ")[0]} = np.empty((0, 0), {dtype})'
                     self.emit(f'if {sparse}:')
-                    self.emit(f'    _sparse_weight_grad_update({operands}, {rule}, {flat_p}, {state})')
+                    self.emit(f'    _sparse_weight_grad_update({operands}, {rule}, {p_arg}, {state})')
                     self.emit('else:')
-                    indent = '    '
-                if size >= backend.PARALLEL_MIN_SIZE:
-                    self.emit(f'{indent}if update_parts > 1:')
-                    self.emit(f'{indent}    update_parallel({rule}, {flat_p}, {flat_g}, {state}, update_parts)')
-                    self.emit(f'{indent}else:')
-                    self.emit(f'{indent}    apply_update({rule}, {flat_p}, {flat_g}, {state})')
+                    self.emit(f'    update_rows({rule}, {p_arg}, {g_arg}, {state}, update_parts)')
+                elif size >= backend.PARALLEL_MIN_SIZE:
+                    self.emit('if update_parts > 1:')
+                    self.emit(f'    update_parallel({rule}, {p_arg}, {g_arg}, {state}, update_parts)')
+                    self.emit('else:')
+                    self.emit(f'    apply_update({rule}, {p_arg}, {g_arg}, {state})')
                 else:
-                    self.emit(f'{indent}apply_update({rule}, {flat_p}, {flat_g}, {state})')
+                    self.emit(f'apply_update({rule}, {p_arg}, {g_arg}, {state})')
 
     def fused_gradient(self, g, p):
         """For a step that returns no gradients (keep_grads=False): where p's gradient g is a sparse weight
@@ -539,13 +546,15 @@ class Generator:
         self.fused += 1
         return g.fusable
 
-    def state_arg(self, optimizer, p, name):
+    def state_arg(self, optimizer, p, name, rows=False):
         """The name of the argument that passes optimizer.state[p][name] (Adam's step count comes with its
-        moments). Keyed by identity."""
+        moments), flat or (rows) shaped as p's storage. Keyed by identity."""
         key = (id(optimizer), id(p), name)
         if key not in self.state_index:
             self.state_index[key] = len(self.state_args)
             self.state_args.append((optimizer, p, name))
+            if rows:
+                self.row_states.add(self.state_index[key])
             if isinstance(optimizer, Adam):
                 self.state_arg(optimizer, p, 'step')
         return f'S{self.state_index[key]}'
@@ -662,6 +671,8 @@ def _linear_forward(gen, ins, constants, context, value):
         gen.emit(f'    took_sparse = True')
         gen.emit(f'    {y}, {cols}, {count} = _sparse_affine({xs.name}, {wt.name}, {bf.name}, {relu}, sparse_parts, {block})')
         gen.emit('else:')
+        # a weight passed in with padded rows (Program.padded) is unpadded for the dense kernels
+        gen.emit(f'    {wt.name} = _first_columns({wt.name}, {w.shape[0]})')
         gen.emit(f'    {y} = _affine({xs.name}, {wt.name}, {bf.name}, {relu})')
         gen.emit(f'    {cols}, {count} = np.empty((0, 0, 0), np.int32), np.empty((0, 0), np.int64)')
     else:
@@ -1072,10 +1083,11 @@ from fastgrad.kernels.blas import matmul as _matmul
 from fastgrad.kernels.conv import (conv2d_backward as _conv2d_backward, conv2d_forward as _conv2d_forward,
                                    maxpool2d_backward as _maxpool2d_backward, maxpool2d_forward as _maxpool2d_forward)
 from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
-                                     dense_backward as _dense_backward, sparse_affine as _sparse_affine,
+                                     dense_backward as _dense_backward, first_columns as _first_columns,
+                                     sparse_affine as _sparse_affine,
                                      sparse_weight_grad as _sparse_weight_grad,
                                      sparse_weight_grad_update as _sparse_weight_grad_update)
-from fastgrad.kernels.optim import apply_update, update_parallel
+from fastgrad.kernels.optim import apply_update, update_parallel, update_rows
 from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
                                       cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
                                       log_softmax_backward as _log_softmax_backward, softmax as _softmax)
@@ -1175,6 +1187,11 @@ class Program:
         self.with_grad = len(with_grad)
         self.optimizers = list(gen.optimizers)
         self.state_args = list(gen.state_args)
+        self.row_states = set(gen.row_states)  # passed 2-D, as their parameter's storage (a transposed weight)
+        # positions in arguments() of the arrays passed as rows: a fused update's weight and its state
+        self.row_args = [i for i, p in enumerate(self.params) if id(p) in gen.row_params]
+        self.row_args += [len(self.params) + len(self.optimizers) + k for k in sorted(self.row_states)]
+        self.pads = {}  # position in arguments() -> its padded copy (Program.padded)
         self.result_dtypes = [r.dtype for r in results]
         self.single = single
         self.has_sparse = gen.sparse_layers > 0
@@ -1270,15 +1287,35 @@ class Program:
                 rows = [(g['lr'], g['betas'][0], g['betas'][1], g['eps'], g['weight_decay']) for g in opt.param_groups]
             out.append(np.array(rows, dtype=np.float64))
         self.steps = []
-        for opt, p, name in self.state_args:
+        for k, (opt, p, name) in enumerate(self.state_args):
             state = opt.state.setdefault(p, {})
             if name == 'step':
                 out.append(np.array([state.get('step', 0)], dtype=np.int64))
                 self.steps.append(((opt, p), out[-1]))
                 continue
-            out.append(opt.flat_buffer(p, name))  # in the parameter's memory order: its storage view's, flat
+            buf = opt.flat_buffer(p, name)  # in the parameter's memory order: its storage view's, flat
+            out.append(buf.reshape(p.value.T.shape) if k in self.row_states else buf)
         out += [np.empty(shape, dtype) for shape, dtype in self.scratch_specs]
         return out
+
+    def padded(self, arrays):
+        """For a compiled epoch: `arrays` with each row argument (a fused update's weight and its state) copied
+        into rows that start on cache lines (the sparse kernels stream a weight row per nonzero, and rows that
+        straddle lines cost them more loads), and the (array, copy) pairs to copy back after the epoch. An
+        array already so aligned, or that shares memory with another argument, is passed as it is."""
+        out, pairs = list(arrays), []
+        for k in self.row_args:
+            a = arrays[k]
+            if a.ctypes.data % CACHE_LINE == 0 and a.strides[0] % CACHE_LINE == 0 or \
+                    any(j != k and np.may_share_memory(a, b) for j, b in enumerate(arrays)):
+                continue
+            pad = self.pads.get(k)
+            if pad is None or pad.shape[0] != a.shape[0] or pad.dtype != a.dtype:
+                pad = self.pads[k] = _cache_line_rows(a.shape, a.dtype)
+            pad[:, :a.shape[1]] = a
+            out[k] = pad
+            pairs.append((a, pad))
+        return out, pairs
 
     def finish(self, arrays, took_sparse, grads):
         """After a call: hand the cores over if a sparse batch came, write Adam's step counts back into
@@ -1428,7 +1465,8 @@ class CompiledStep:
                                 'holding one number)')
             out = np.empty(full, dtype=np.float64)
             threads = _thread_args(program)
-            call = (x, y, order[:full * batch_size], out, *arrays, *threads)
+            epoch_arrays, pads = program.padded(arrays)
+            call = (x, y, order[:full * batch_size], out, *epoch_arrays, *threads)
             if not program.epoch_ready:
                 if not program.step_ready:  # the step first, as a call compiles it: the epoch then links that code
                     idx = order[:batch_size]
@@ -1436,7 +1474,11 @@ class CompiledStep:
                     program.step_ready = True
                 self._compile(program.epoch, call)
                 program.epoch_ready = True
-            status, took_sparse, grads = program.epoch(*call)
+            try:
+                status, took_sparse, grads = program.epoch(*call)
+            finally:
+                for a, pad in pads:
+                    a[...] = pad[:, :a.shape[1]]
             program.finish(arrays, took_sparse, grads)
             if status != OK:  # a bad target in batch k: the batches before it have been stepped
                 k = status >> 8
@@ -1495,6 +1537,19 @@ def _thread_args(program):
     conv = backend.conv_parts() if program.has_conv else 1
     sparse = numba.get_num_threads() if program.has_sparse and backend.sparse_allowed() else 0
     return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE), conv
+
+
+CACHE_LINE = 64  # bytes
+
+
+def _cache_line_rows(shape, dtype):
+    """A zeroed 2-D array of `shape`'s rows, each widened to whole cache lines and starting on one; the first
+    shape[1] columns are the array's, the rest padding."""
+    itemsize = np.dtype(dtype).itemsize
+    width = -(-shape[1] * itemsize // CACHE_LINE) * CACHE_LINE // itemsize
+    flat = np.zeros(shape[0] * width + CACHE_LINE // itemsize, dtype)
+    skip = (-flat.ctypes.data % CACHE_LINE) // itemsize
+    return flat[skip:skip + shape[0] * width].reshape(shape[0], width)
 
 
 def _check_untraced_updates(recorder):
@@ -1587,8 +1642,9 @@ def compile(fn, keep_grads=True):
     keep_grads=False: a call leaves every parameter's gradient cleared, as zero_grad() does (`.grad` reads
     zeros, `grad_if_any` is None), as in jax.jit, where gradients exist only inside the step; the update of a
     sparse-input layer's weight then takes its gradient row by row as it is summed, and that gradient is never
-    written out (where that update alone consumes it: see Generator.fused_gradient). Parameters and optimizer
-    state move as with keep_grads=True, bit for bit."""
+    written out (where that update alone consumes it: see Generator.fused_gradient), and run() gives that
+    weight and its state rows that start on cache lines for the epoch (Program.padded). Parameters and
+    optimizer state move as with keep_grads=True, bit for bit."""
     if not callable(fn):
         raise TypeError(f'fastgrad.compile: expected a function, got {type(fn).__name__}')
     if not isinstance(keep_grads, bool):

@@ -78,9 +78,12 @@ def sparse_affine(x, wt, b, relu, parts, block):
     Each thread sums its part's nonzeros of every row into a partial output, four weight rows per pass over
     the output row (each 8-float block of it loaded and stored once for four weight rows), part 0 starting
     from the bias; then the rows add up their parts' partial outputs in order (so y's last bits depend on
-    the number of parts)."""
+    the number of parts).
+
+    wt's rows may be longer than b: only their first m = len(b) entries are read (a compiled epoch passes
+    the weight with its rows padded to whole cache lines)."""
     n, n_in = x.shape
-    m = wt.shape[1]
+    m = b.shape[0]
     parts = max(1, min(n_in, parts))
     width = -(-n_in // parts)
     y = np.empty((n, m), wt.dtype)
@@ -195,9 +198,10 @@ def sparse_weight_grad(x, cols, count, gz):
 @parallel_kernel
 def sparse_weight_grad_update(x, cols, count, gz, rule, p, s1, s2, h):
     """sparse_weight_grad, each row of the gradient handed to the optimizer update (kernels.optim) as soon as
-    it is summed, so that the gradient is never written out: p (the weight wt, flat) and its state s1, s2
-    (flat, or empty when the rule does not use them) change exactly as update(rule, p, gwt, s1, s2, h) would
-    change them after sparse_weight_grad (a compiled step with keep_grads=False)."""
+    it is summed, so that the gradient is never written out: p (the weight wt, (in, out)) and its state s1,
+    s2 (like p, or (in, 0) when the rule does not use them) change exactly as update(rule, p, gwt, s1, s2, h)
+    would change them after sparse_weight_grad (a compiled step with keep_grads=False). Their rows may be
+    longer than gz's (padding, as in sparse_affine): only the first m entries are read and written."""
     n_in, m = x.shape[1], gz.shape[1]
     parts = cols.shape[0]
     for t in prange(parts):
@@ -206,9 +210,13 @@ def sparse_weight_grad_update(x, cols, count, gz, rule, p, s1, s2, h):
         gj = np.empty(m, gz.dtype)
         for j in range(lo, hi):
             _feature_grad(x, j, rows[start[j - lo]:start[j - lo + 1]], gz, gj)
-            a, b = j * m, (j + 1) * m
-            apply_update(rule, p[a:b], gj, s1[min(a, s1.shape[0]):min(b, s1.shape[0])],
-                         s2[min(a, s2.shape[0]):min(b, s2.shape[0])], h)
+            apply_update(rule, p[j][:m], gj, s1[j][:m], s2[j][:m], h)
+
+
+@kernel
+def first_columns(w, m):
+    """w (2-D, C-contiguous) without the padding of its rows past column m: w itself when it has none."""
+    return w if w.shape[1] == m else np.ascontiguousarray(w[:, :m])
 
 
 def linear_forward(x, wt, b, code, sparse_parts=0):

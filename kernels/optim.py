@@ -97,6 +97,17 @@ def update_parallel(rule, p, g, s1, s2, h, parts):
         apply_update(rule, p[lo:hi], g[lo:hi], a, b, h)
 
 
+@parallel_kernel
+def update_rows(rule, p, g, s1, s2, h, parts):
+    """update_parallel on 2-D arrays whose rows may be longer than g's (padding: see
+    linear.sparse_weight_grad_update): row j of p and its state s1, s2 (like p, or (rows, 0) when unused)
+    takes the update from g[j] in its first g.shape[1] entries."""
+    n, m = g.shape
+    for t in prange(parts):
+        for j in range(n * t // parts, n * (t + 1) // parts):
+            apply_update(rule, p[j][:m], g[j], s1[j][:m], s2[j][:m], h)
+
+
 def update(rule, p, g, s1, s2, hyper, parts=1):
     """Updates p (and its state s1, s2: arrays like p, or empty when the rule does not use them) in place
     from its gradient g, on `parts` threads. hyper: an array of six numbers of p's dtype, the rule's hyperparameters

@@ -184,6 +184,69 @@ def test_without_grads_the_sparse_update_is_fused_and_equals_eager(optimizer, dt
         fg.compile(fused[2], keep_grads='no')
 
 
+def off_cache_line(a):
+    """A copy of the parameter array a, laid out as a, whose data starts 16 bytes past a cache line (where
+    numpy puts big arrays)."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % 64 + 16
+    t = raw[start:start + a.nbytes].view(a.dtype).reshape(a.T.shape)  # C order: a is F-ordered
+    t[...] = a.T
+    return t.T
+
+
+@pytest.mark.parametrize('optimizer', ['sgd', 'adam'])
+def test_a_compiled_epoch_runs_the_fused_weight_on_rows_padded_to_cache_lines(optimizer):
+    """run() copies the fused weight and its state into rows that start on cache lines for the epoch, and
+    back into the same arrays after it: parameters and state equal eager's bit for bit (sparse and dense
+    batches). A weight that shares its memory with another parameter (two layers tied to one array, each
+    stepped) is not copied, so that each update lands on the other too, as eagerly."""
+    x, y, classes = dataset('sparse', np.float32, n=1024)
+    x[640:768] = np.random.default_rng(5).random((128, 784)) + 0.5  # a dense batch
+    eager, fused = (make('sparse', 'relu', optimizer, np.float32, classes, 784) for _ in range(2))
+    w = fused[0].layers[0].w
+    w.value = off_cache_line(w.value)
+    weight, opt = w.value, fused[1]
+    step = fg.compile(fused[2], keep_grads=False)
+    step.run(x[:256], y[:256], 128)
+    state = {k: v for k, v in opt.state[w].items() if k != 'step'}
+    step.run(x[256:], y[256:], 128)
+    for start in range(0, 1024, 128):
+        eager[2](x[start:start + 128], y[start:start + 128])
+    assert_same_training(eager[:2], fused[:2], 0)
+    program = step.programs[next(iter(step.programs))]
+    position = next(i for i, p in enumerate(program.params) if p is w)
+    assert len(program.row_args) == 1 + len(state)  # the weight and its momentum, or Adam's two moments
+    assert position in program.pads and set(program.pads) <= set(program.row_args)  # (a state may be aligned already)
+    assert all(pad.ctypes.data % 64 == 0 and pad.strides[0] % 64 == 0 for pad in program.pads.values())
+    assert w.value is weight and all(opt.state[w][k] is v for k, v in state.items())
+
+    runs = []
+    for compiled in (False, True):
+        first, twin, head = fg.Linear(784, 64, rng=0), fg.Linear(784, 64, rng=2), fg.Linear(64, classes, rng=1)
+        first.w.value = off_cache_line(first.w.value)
+        twin.w.value = first.w.value
+        sgd = fg.SGD(first.parameters() + twin.parameters() + head.parameters(), lr=0.05, momentum=0.9)
+
+        def shared(xb, yb):
+            sgd.zero_grad()
+            xn = TensorNode(xb, requires_grad=False)
+            loss = fg.cross_entropy(head(first(xn, activation='relu') + twin(xn)), yb)
+            loss.backward()
+            sgd.step()
+            return loss
+        run = fg.compile(shared, keep_grads=False).run if compiled else None
+        losses = run(x, y, 128) if compiled else [float(shared(x[i:i + 128], y[i:i + 128]).value)
+                                                  for i in range(0, 1024, 128)]
+        runs.append((list(losses), first.w.value.copy(), twin.w.value is first.w.value))
+        if compiled:
+            with open(run.__self__.programs[next(iter(run.__self__.programs))].source) as f:
+                assert '_sparse_weight_grad_update(' in f.read()
+            program = run.__self__.programs[next(iter(run.__self__.programs))]
+            tied = [k for k in program.row_args if k < len(program.params)]
+            assert len(tied) == 2 and not set(program.pads) & set(tied)  # (their momenta may be padded)
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1]) and runs[1][2]
+
+
 def test_without_grads_a_gradient_used_after_the_update_is_not_fused():
     """A backward() after the step adds to the first layer's gradient: that update cannot consume it."""
     x, y, classes = dataset('sparse', np.float32, n=384)

@@ -91,8 +91,8 @@ def check_nonzeros(x, cols, count):
 @pytest.mark.parametrize('block', [1, 3, 5, 64, 129])
 def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
     """Any block of input features and any split of them over threads gives the product (rows with 0-3
-    and 4k+r nonzeros per block included), and the weight gradient over the same nonzeros; more parts than
-    rows, or than input features, is fine."""
+    and 4k+r nonzeros per block included), also from a weight with padded rows, and the weight gradient
+    over the same nonzeros; more parts than rows, or than input features, is fine."""
     from fastgrad.kernels.linear import sparse_affine, sparse_weight_grad
     x = sparse_data((37, 129), dtype, 0.2, 21)
     x[3] = 0
@@ -102,6 +102,9 @@ def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
     ref = np.maximum(x.astype(np.float64) @ wt.astype(np.float64) + b, 0)
     np.testing.assert_allclose(y, ref, **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 129))
     check_nonzeros(x, cols, count)
+    padded = np.full((129, 16), np.nan, dtype)  # rows padded as a compiled epoch pads them: never read
+    padded[:, :11] = wt
+    np.testing.assert_array_equal(sparse_affine(x, padded, b, True, parts, block)[0], y)
     gz = data((37, 11), dtype, 25)
     np.testing.assert_allclose(sparse_weight_grad(x, cols, count, gz), x.astype(np.float64).T @ gz,
                                **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 37))
@@ -115,25 +118,38 @@ def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
 @pytest.mark.parametrize('rule, hyper, states', [
     ('sgd', (0.1, 0, 0), 0), ('sgd', (0.1, 0.9, 0.01), 1), ('nesterov', (0.1, 0.9, 0.01), 1),
     ('adam', (0.01, 0.9, 0.999, 1e-8, 0.01, 1.5), 2)])
-def test_sparse_weight_grad_update_is_the_update_after_the_gradient(dtype, parts, rule, hyper, states):
+@pytest.mark.parametrize('pad', [0, 5])
+def test_sparse_weight_grad_update_is_the_update_after_the_gradient(dtype, parts, rule, hyper, states, pad):
     """The fused kernel of a compiled step without gradients moves the weight and its state exactly as the
-    update after sparse_weight_grad does, for every rule, with a split over parts as the forward's."""
+    update after sparse_weight_grad does, for every rule, with a split over parts as the forward's; on rows
+    padded past the gradient's width (as a compiled epoch passes them) the same, the padding untouched. The
+    dense path's row update (update_rows) does the same."""
     from fastgrad.kernels.linear import sparse_affine, sparse_weight_grad, sparse_weight_grad_update
-    from fastgrad.kernels.optim import RULES, update
+    from fastgrad.kernels.optim import RULES, update, update_rows
     x = sparse_data((37, 129), dtype, 0.2, 31)
     x[5] = data(129, dtype, 32)
     wt, gz = data((129, 11), dtype, 33), data((37, 11), dtype, 34)
     h = np.zeros(6, dtype)
     h[:len(hyper)] = hyper
     _, cols, count = sparse_affine(x, wt, wt[0], False, parts, 64)
-    state = [data(wt.size, dtype, 35 + k) ** 2 if k < states else np.zeros(0, dtype) for k in range(2)]
-    want, got = ([wt.reshape(-1).copy()] + [a.copy() for a in state] for _ in range(2))
+    state = [data(wt.shape, dtype, 35 + k) ** 2 if k < states else np.zeros((129, 0), dtype) for k in range(2)]
+
+    def padded(a):
+        out = np.full((a.shape[0], a.shape[1] + pad if a.shape[1] else 0), 7, dtype)
+        out[:, :a.shape[1]] = a
+        return out
+    want = [wt.copy()] + [a.copy() for a in state]
+    got, rows = ([padded(a) for a in want] for _ in range(2))
     for _ in range(2):
-        update(RULES[rule], want[0], sparse_weight_grad(x, cols, count, gz).reshape(-1), want[1], want[2], h)
+        g = sparse_weight_grad(x, cols, count, gz)
+        update(RULES[rule], want[0].reshape(-1), g.reshape(-1), want[1].reshape(-1), want[2].reshape(-1), h)
         sparse_weight_grad_update(x, cols, count, gz, np.int64(RULES[rule]), *got, h)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(got[0], wt.reshape(-1))
+        update_rows(np.int64(RULES[rule]), *rows[:1], g, *rows[1:], h, parts)
+    for a, b, c in zip(got, rows, want):
+        np.testing.assert_array_equal(a[:, :c.shape[1]], c)
+        np.testing.assert_array_equal(b[:, :c.shape[1]], c)
+        assert (a[:, c.shape[1]:] == 7).all() and (b[:, c.shape[1]:] == 7).all()
+    assert not np.array_equal(got[0][:, :11], wt)
 
 
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
