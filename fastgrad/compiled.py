@@ -513,8 +513,9 @@ class Generator:
                     rule = f'np.int64({kernels.RULES["adam"]})'
                     state = f'{m}, {v}, {hyper.name}'
                 if rows:  # the sparse branch updates row by row as it sums them; the dense one after
-                    line, sparse, operands = fused
-                    self.lines[line] = f'{self.lines[line].split(" = ")[0]} = np.empty((0, 0), {dtype})'
+                    rewrites, sparse, operands = fused
+                    for line, text in rewrites.items():
+                        self.lines[line] = '    ' + text
                     self.emit(f'if {sparse}:')
                     self.emit(f'    _sparse_weight_grad_update({operands}, {rule}, {p_arg}, {state})')
                     self.emit('else:')
@@ -529,8 +530,9 @@ class Generator:
 
     def fused_gradient(self, g, p):
         """For a step that returns no gradients (keep_grads=False): where p's gradient g is a sparse weight
-        gradient that this update alone consumes, (the line that computes it, the name of its sparse-path flag,
-        its kernel's operands); the update then takes the rows as they are summed and that line computes nothing.
+        gradient that this update alone consumes, ({line: its new text} for the lines that compute it, the name
+        of its sparse-path flag, its kernel's operands); the update then takes the rows as they are summed and
+        the weight gradient is not computed.
         None otherwise: p stepped twice, or a later backward() before p's gradient is zeroed (it might add to
         that gradient)."""
         if not self.fuse_updates or g.fusable is None:
@@ -697,8 +699,8 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
         gen.emit(dense)
     else:
         gen.emit(f'if {sp}:')
+        gz_line = len(gen.lines)
         gen.emit(f'    {gz}, {gb} = _act_bias_grad({out.name}, {g.name}, {code})')
-        wgrad_line = len(gen.lines)
         gen.emit(f'    {gwt} = _sparse_weight_grad({xs.name}, {cols}, {count}, {gz})')
         gen.emit(f'    {gx} = _matmul({gz}, {wt.name}.T) if {need_x} else {g.name}[:0, :0].copy()')
         gen.emit('else:')
@@ -710,7 +712,12 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
         if w.transposed:
             gwv.storage_of, gwv.storage_name = w, gwt
             if sp is not None and out.dtype == w.dtype:
-                gwv.fusable = (wgrad_line, sp, f'{xs.name}, {cols}, {count}, {gz}')
+                # fused, gz is made in rows of whole cache lines and the weight gradient is not made at all
+                m = w.shape[0]
+                width = _cache_line_width(m, out.dtype)
+                rewrites = {gz_line: f'    {gz}, {gb} = _act_bias_grad_rows({out.name}, {g.name}, {code}, {width})',
+                            gz_line + 1: f'    {gwt} = np.empty((0, 0), {_dtype_name(out.dtype)})'}
+                gwv.fusable = (rewrites, sp, f'{xs.name}, {cols}, {count}, {gz}, {m}')
     gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
     return gxv, gwv, gbv
 
@@ -1082,7 +1089,8 @@ from fastgrad.kernels.batch import gather_rows as _gather_rows
 from fastgrad.kernels.blas import matmul as _matmul
 from fastgrad.kernels.conv import (conv2d_backward as _conv2d_backward, conv2d_forward as _conv2d_forward,
                                    maxpool2d_backward as _maxpool2d_backward, maxpool2d_forward as _maxpool2d_forward)
-from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad, affine as _affine,
+from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_grad,
+                                     act_bias_grad_rows as _act_bias_grad_rows, affine as _affine,
                                      dense_backward as _dense_backward, first_columns as _first_columns,
                                      sparse_affine as _sparse_affine,
                                      sparse_weight_grad as _sparse_weight_grad,
@@ -1542,11 +1550,17 @@ def _thread_args(program):
 CACHE_LINE = 64  # bytes
 
 
+def _cache_line_width(m, dtype):
+    """The row length, in entries of dtype, that holds m of them in whole cache lines."""
+    itemsize = np.dtype(dtype).itemsize
+    return -(-m * itemsize // CACHE_LINE) * CACHE_LINE // itemsize
+
+
 def _cache_line_rows(shape, dtype):
     """A zeroed 2-D array of `shape`'s rows, each widened to whole cache lines and starting on one; the first
     shape[1] columns are the array's, the rest padding."""
     itemsize = np.dtype(dtype).itemsize
-    width = -(-shape[1] * itemsize // CACHE_LINE) * CACHE_LINE // itemsize
+    width = _cache_line_width(shape[1], dtype)
     flat = np.zeros(shape[0] * width + CACHE_LINE // itemsize, dtype)
     skip = (-flat.ctypes.data % CACHE_LINE) // itemsize
     return flat[skip:skip + shape[0] * width].reshape(shape[0], width)

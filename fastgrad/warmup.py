@@ -12,7 +12,7 @@ from numba.core import event
 from . import backend, kernels
 from . import functions as F
 from .core import TensorNode
-from .kernels.linear import first_columns, sparse_affine, sparse_weight_grad_update
+from .kernels.linear import act_bias_grad_rows, first_columns, sparse_affine, sparse_weight_grad_update
 from .kernels.optim import update_rows
 from .modules import MLP, Linear
 from .ops import BatchMM, MatrixMultiply
@@ -47,7 +47,8 @@ def _tasks(dtype, training):
     def fused_update():  # a compiled step's update of a sparse-input weight (compile(..., keep_grads=False))
         wt, rule, h = np.zeros((256, 4), dtype), np.int64(kernels.RULES['sgd']), np.zeros(6, dtype)
         _, cols, count = sparse_affine(pixels, wt, wt[0], True, 1, 256)
-        sparse_weight_grad_update(pixels, cols, count, np.zeros((16, 4), dtype), rule, wt, wt.copy(), wt[:, :0].copy(), h)
+        gz, _ = act_bias_grad_rows(np.zeros((16, 4), dtype), np.zeros((16, 4), dtype), kernels.RELU, 16)
+        sparse_weight_grad_update(pixels, cols, count, gz, 4, rule, wt, wt.copy(), wt[:, :0].copy(), h)
         update_rows(rule, first_columns(wt, 4), wt, wt.copy(), wt[:, :0].copy(), h, 1)  # its dense batches
     sparse_compiled = [('compiled-step sparse update', fused_update)]
     if training == 'dense':

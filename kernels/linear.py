@@ -196,18 +196,19 @@ def sparse_weight_grad(x, cols, count, gz):
 
 
 @parallel_kernel
-def sparse_weight_grad_update(x, cols, count, gz, rule, p, s1, s2, h):
+def sparse_weight_grad_update(x, cols, count, gz, m, rule, p, s1, s2, h):
     """sparse_weight_grad, each row of the gradient handed to the optimizer update (kernels.optim) as soon as
-    it is summed, so that the gradient is never written out: p (the weight wt, (in, out)) and its state s1,
+    it is summed, so that the gradient is never written out: p (the weight wt, (in, m)) and its state s1,
     s2 (like p, or (in, 0) when the rule does not use them) change exactly as update(rule, p, gwt, s1, s2, h)
-    would change them after sparse_weight_grad (a compiled step with keep_grads=False). Their rows may be
-    longer than gz's (padding, as in sparse_affine): only the first m entries are read and written."""
-    n_in, m = x.shape[1], gz.shape[1]
+    would change them after sparse_weight_grad (a compiled step with keep_grads=False). The rows of gz, p,
+    s1 and s2 may be longer than m (padded to whole cache lines, as a compiled epoch passes them): only their
+    first m entries are read and written."""
+    n_in = x.shape[1]
     parts = cols.shape[0]
     for t in prange(parts):
         lo, hi = n_in * t // parts, n_in * (t + 1) // parts
         start, rows = _feature_rows(cols[t], count[t], lo, hi)
-        gj = np.empty(m, gz.dtype)
+        gj = np.empty(m, gz.dtype)  # _feature_grad reads m entries of each row of gz
         for j in range(lo, hi):
             _feature_grad(x, j, rows[start[j - lo]:start[j - lo + 1]], gz, gj)
             apply_update(rule, p[j][:m], gj, s1[j][:m], s2[j][:m], h)
@@ -232,13 +233,25 @@ def linear_forward(x, wt, b, code, sparse_parts=0):
     return (y if code in (IDENTITY, RELU) else activate_inplace(y, code)), nonzeros
 
 
+@njit(inline='always')
+def _column_sums(a, m):
+    """The sums of a's first m columns over its rows, accumulated in float64 row after row, in a's dtype."""
+    total = np.zeros(m)
+    for i in range(a.shape[0]):
+        for j in range(m):
+            total[j] += a[i, j]
+    out = np.empty(m, a.dtype)
+    for j in range(m):  # not out[:] = total: its shape check compiles numba's string formatting, slow cold
+        out[j] = total[j]
+    return out
+
+
 @kernel
 def act_bias_grad(y, g, code):
     """gz = g * act'(from y) and gb = gz summed over rows (accumulated in float64, row after row).
 
     Two loops, not one: the elementwise product over the flat arrays vectorises, and the column sums run
     over whole rows; fused, the short inner loops of a narrow layer cost more than their arithmetic."""
-    n, m = g.shape
     gz = np.empty_like(g)  # a new array also for the identity: aliasing g made numba's code several times slower
     gzf, gf, yf = gz.reshape(-1), g.reshape(-1), y.reshape(-1)
     if code == IDENTITY:
@@ -247,14 +260,25 @@ def act_bias_grad(y, g, code):
     else:
         for q in range(gf.shape[0]):
             gzf[q] = gf[q] * act_derivative(yf[q], code)
-    gb = np.zeros(m)
+    return gz, _column_sums(gz, g.shape[1])
+
+
+@kernel
+def act_bias_grad_rows(y, g, code, width):
+    """act_bias_grad with gz in rows of `width` (>= m) entries, the padding left unset: the weight gradient
+    of a compiled epoch's fused update reads a row of gz per nonzero, and in rows a whole number of cache
+    lines long (numba aligns an array to 32 bytes) its vector loads do not straddle lines."""
+    n, m = g.shape
+    gz = np.empty((n, width), g.dtype)
     for i in range(n):
-        for j in range(m):
-            gb[j] += gz[i, j]
-    gb_out = np.empty_like(g[0])
-    for j in range(m):  # not gb_out[:] = gb: its shape check compiles numba's string formatting, slow cold
-        gb_out[j] = gb[j]
-    return gz, gb_out
+        gzi, gi, yi = gz[i], g[i], y[i]
+        if code == IDENTITY:
+            for j in range(m):
+                gzi[j] = gi[j]
+        else:
+            for j in range(m):
+                gzi[j] = gi[j] * act_derivative(yi[j], code)
+    return gz, _column_sums(gz, m)
 
 
 @kernel

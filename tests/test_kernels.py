@@ -123,7 +123,7 @@ def test_sparse_weight_grad_update_is_the_update_after_the_gradient(dtype, parts
     """The fused kernel of a compiled step without gradients moves the weight and its state exactly as the
     update after sparse_weight_grad does, for every rule, with a split over parts as the forward's; on rows
     padded past the gradient's width (as a compiled epoch passes them) the same, the padding untouched. The
-    dense path's row update (update_rows) does the same."""
+    dense path's row update (update_rows) does the same. The gradient over the rows (gz) may be padded too."""
     from fastgrad.kernels.linear import sparse_affine, sparse_weight_grad, sparse_weight_grad_update
     from fastgrad.kernels.optim import RULES, update, update_rows
     x = sparse_data((37, 129), dtype, 0.2, 31)
@@ -143,13 +143,28 @@ def test_sparse_weight_grad_update_is_the_update_after_the_gradient(dtype, parts
     for _ in range(2):
         g = sparse_weight_grad(x, cols, count, gz)
         update(RULES[rule], want[0].reshape(-1), g.reshape(-1), want[1].reshape(-1), want[2].reshape(-1), h)
-        sparse_weight_grad_update(x, cols, count, gz, np.int64(RULES[rule]), *got, h)
+        sparse_weight_grad_update(x, cols, count, padded(gz), 11, np.int64(RULES[rule]), *got, h)
         update_rows(np.int64(RULES[rule]), *rows[:1], g, *rows[1:], h, parts)
     for a, b, c in zip(got, rows, want):
         np.testing.assert_array_equal(a[:, :c.shape[1]], c)
         np.testing.assert_array_equal(b[:, :c.shape[1]], c)
         assert (a[:, c.shape[1]:] == 7).all() and (b[:, c.shape[1]:] == 7).all()
     assert not np.array_equal(got[0][:, :11], wt)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('code', [kernels.IDENTITY, kernels.RELU, kernels.SIGMOID, kernels.TANH])
+def test_act_bias_grad_rows_is_act_bias_grad_in_padded_rows(dtype, code):
+    """The fused update's gz, in rows padded to whole cache lines, holds act_bias_grad's values bit for bit
+    (inf and nan included), and the bias gradient is the same."""
+    from fastgrad.kernels.linear import act_bias_grad, act_bias_grad_rows
+    y, g = data((37, 11), dtype, 41), data((37, 11), dtype, 42)
+    y[0, :3], g[1, :2] = (np.inf, np.nan, 0), (np.nan, -np.inf)
+    gz, gb = act_bias_grad(y, g, code)
+    rows, gb_rows = act_bias_grad_rows(y, g, code, 16)
+    assert rows.shape == (37, 16) and gb_rows.dtype == gb.dtype
+    np.testing.assert_array_equal(rows[:, :11], gz)
+    np.testing.assert_array_equal(gb_rows, gb)
 
 
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
