@@ -38,6 +38,7 @@ forward and backward are Python) makes the trace raise a TypeError that names it
 """
 import atexit
 import builtins
+import collections
 import dis
 import hashlib
 import operator
@@ -207,10 +208,12 @@ class Generator:
         self.param_vars = {}      # id(node) -> Var of its storage view
         self.constants = {}       # global name -> array
         self.optimizers = []      # optimizers stepped, in order
-        self.state_args = []      # (optimizer, param, state name) passed in as flat buffers
+        self.state_args = []      # (optimizer, param, state name) passed in as buffers (flat, or 2-D rows)
         self.state_index = {}     # (id(optimizer), id(param), name) -> position in state_args
-        self.row_params = set()   # ids of parameters passed as 2-D rows that a compiled epoch pads (fused updates)
-        self.row_states = set()   # positions in state_args of their state buffers, passed 2-D like them
+        self.row_states = set()   # positions in state_args of buffers passed 2-D, as rows (fused updates')
+        self.row_params = set()   # ids of fused weights that a compiled epoch may pad, with their row_states
+        # id(node) -> how many ops of the step read it (before or after it is stepped)
+        self.op_uses = collections.Counter(id(node) for event in recorder.events if event[0] == 'op' for node in event[2])
         self.grads = {}           # id(param) -> Var of its gradient so far (None: zero)
         self.saved = {}           # id(op output) -> what its op's backward needs from the forward
         self.recorder = recorder
@@ -481,7 +484,7 @@ class Generator:
                 # other updates flat arrays
                 fused = self.fused_gradient(g, p)
                 rows = fused is not None
-                if rows:
+                if rows and self.op_uses[id(p)] == 1:  # read by its own layer alone: run() may pad it
                     self.row_params.add(id(p))
                 p_arg = pvar.name if rows else f'{pvar.name}.reshape(-1)'
                 unused = f'np.empty(({p.value.shape[-1]}, 0), {dtype})' if rows else f'{p_arg}[:0]'  # rows of w.T
@@ -512,6 +515,7 @@ class Generator:
                                      f'{dtype}(1 / np.sqrt(1 - {h}[2] ** {t}))))', (6,), pvar.dtype, prefix='hyper')
                     rule = f'np.int64({kernels.RULES["adam"]})'
                     state = f'{m}, {v}, {hyper.name}'
+                indent = ''
                 if rows:  # the sparse branch updates row by row as it sums them; the dense one after
                     rewrites, sparse, operands = fused
                     for line, text in rewrites.items():
@@ -519,14 +523,15 @@ class Generator:
                     self.emit(f'if {sparse}:')
                     self.emit(f'    _sparse_weight_grad_update({operands}, {rule}, {p_arg}, {state})')
                     self.emit('else:')
-                    self.emit(f'    update_rows({rule}, {p_arg}, {g_arg}, {state}, update_parts)')
-                elif size >= backend.PARALLEL_MIN_SIZE:
-                    self.emit('if update_parts > 1:')
-                    self.emit(f'    update_parallel({rule}, {p_arg}, {g_arg}, {state}, update_parts)')
-                    self.emit('else:')
-                    self.emit(f'    apply_update({rule}, {p_arg}, {g_arg}, {state})')
+                    indent = '    '
+                threaded, serial = ('update_rows', 'apply_rows') if rows else ('update_parallel', 'apply_update')
+                if size >= backend.PARALLEL_MIN_SIZE:
+                    self.emit(f'{indent}if update_parts > 1:')
+                    self.emit(f'{indent}    {threaded}({rule}, {p_arg}, {g_arg}, {state}, update_parts)')
+                    self.emit(f'{indent}else:')
+                    self.emit(f'{indent}    {serial}({rule}, {p_arg}, {g_arg}, {state})')
                 else:
-                    self.emit(f'apply_update({rule}, {p_arg}, {g_arg}, {state})')
+                    self.emit(f'{indent}{serial}({rule}, {p_arg}, {g_arg}, {state})')
 
     def fused_gradient(self, g, p):
         """For a step that returns no gradients (keep_grads=False): where p's gradient g is a sparse weight
@@ -1095,7 +1100,7 @@ from fastgrad.kernels.linear import (_nonzero_share, act_bias_grad as _act_bias_
                                      sparse_affine as _sparse_affine,
                                      sparse_weight_grad as _sparse_weight_grad,
                                      sparse_weight_grad_update as _sparse_weight_grad_update)
-from fastgrad.kernels.optim import apply_update, update_parallel, update_rows
+from fastgrad.kernels.optim import apply_rows, apply_update, update_parallel, update_rows
 from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
                                       cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
                                       log_softmax_backward as _log_softmax_backward, softmax as _softmax)
@@ -1196,9 +1201,10 @@ class Program:
         self.optimizers = list(gen.optimizers)
         self.state_args = list(gen.state_args)
         self.row_states = set(gen.row_states)  # passed 2-D, as their parameter's storage (a transposed weight)
-        # positions in arguments() of the arrays passed as rows: a fused update's weight and its state
+        # positions in arguments() of the arrays run() may pad: a fused weight read by its layer alone, its state
         self.row_args = [i for i, p in enumerate(self.params) if id(p) in gen.row_params]
-        self.row_args += [len(self.params) + len(self.optimizers) + k for k in sorted(self.row_states)]
+        self.row_args += [len(self.params) + len(self.optimizers) + k for k in sorted(self.row_states)
+                          if id(self.state_args[k][1]) in gen.row_params]
         self.pads = {}  # position in arguments() -> its padded copy (Program.padded)
         self.result_dtypes = [r.dtype for r in results]
         self.single = single

@@ -1,4 +1,5 @@
-"""Dense layers: y = act(x @ wt + b), with the weight passed transposed: wt is (in, out), C-contiguous.
+"""Dense layers: y = act(x @ wt + b), with the weight passed transposed: wt is (in, out), C-contiguous (the
+sparse kernels also take rows longer than out: see sparse_affine).
 
 The Linear op stores w (out, in) column-major, so w.T is that array without a copy, and x @ wt and the
 weight gradient x.T @ gz are BLAS calls without a transposed output (x.T @ gz is the quicker of the two
@@ -15,7 +16,7 @@ from numba import njit, prange
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
 from .blas import matmul
 from .jit import kernel, parallel_kernel
-from .optim import apply_update
+from .optim import apply_row_update
 
 # The sparse pair beats the dense pair up to about 30 % nonzeros; small inputs stay dense, because
 # starting the parallel loops costs more than they save.
@@ -211,7 +212,7 @@ def sparse_weight_grad_update(x, cols, count, gz, m, rule, p, s1, s2, h):
         gj = np.empty(m, gz.dtype)  # _feature_grad reads m entries of each row of gz
         for j in range(lo, hi):
             _feature_grad(x, j, rows[start[j - lo]:start[j - lo + 1]], gz, gj)
-            apply_update(rule, p[j][:m], gj, s1[j][:m], s2[j][:m], h)
+            apply_row_update(rule, p, gj, s1, s2, h, j)
 
 
 @kernel

@@ -1,4 +1,5 @@
-"""In-place optimizer updates on flattened (1-D, contiguous) parameter views: torch.optim's rules.
+"""In-place optimizer updates on flattened (1-D, contiguous) parameter views, or row by row on 2-D ones
+(apply_row_update): torch.optim's rules.
 
 Every rule runs through one launcher, `update`, serial or split over `parts` threads: an update rule is
 an inline loop over a slice (below), a code in RULES, and a branch in `apply_update`. Hyperparameters arrive as
@@ -97,15 +98,29 @@ def update_parallel(rule, p, g, s1, s2, h, parts):
         apply_update(rule, p[lo:hi], g[lo:hi], a, b, h)
 
 
+@njit(inline='always')
+def apply_row_update(rule, p, g, s1, s2, h, j):
+    """apply_update on row j of 2-D arrays p and its state s1, s2 (like p, or (rows, 0) when unused) from g
+    (1-D): their rows may be longer than g (padded to whole cache lines: see linear.sparse_weight_grad_update);
+    only the first len(g) entries change."""
+    m = g.shape[0]
+    apply_update(rule, p[j][:m], g, s1[j][:m], s2[j][:m], h)
+
+
+@njit(inline='always')
+def apply_rows(rule, p, g, s1, s2, h):
+    """apply_row_update for every row of g (2-D) on this thread (inlined where it is called, as apply_update)."""
+    for j in range(g.shape[0]):
+        apply_row_update(rule, p, g[j], s1, s2, h, j)
+
+
 @parallel_kernel
 def update_rows(rule, p, g, s1, s2, h, parts):
-    """update_parallel on 2-D arrays whose rows may be longer than g's (padding: see
-    linear.sparse_weight_grad_update): row j of p and its state s1, s2 (like p, or (rows, 0) when unused)
-    takes the update from g[j] in its first g.shape[1] entries."""
-    n, m = g.shape
+    """apply_rows with the rows split over `parts` threads (parts > 1)."""
+    n = g.shape[0]
     for t in prange(parts):
         for j in range(n * t // parts, n * (t + 1) // parts):
-            apply_update(rule, p[j][:m], g[j], s1[j][:m], s2[j][:m], h)
+            apply_row_update(rule, p, g[j], s1, s2, h, j)
 
 
 def update(rule, p, g, s1, s2, hyper, parts=1):

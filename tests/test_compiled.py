@@ -199,7 +199,8 @@ def test_a_compiled_epoch_runs_the_fused_weight_on_rows_padded_to_cache_lines(op
     """run() copies the fused weight and its state into rows that start on cache lines for the epoch, and
     back into the same arrays after it: parameters and state equal eager's bit for bit (sparse and dense
     batches). A weight that shares its memory with another parameter (two layers tied to one array, each
-    stepped) is not copied, so that each update lands on the other too, as eagerly."""
+    stepped) is not copied, so that each update lands on the other too, as eagerly; nor one that another op
+    of the step reads."""
     x, y, classes = dataset('sparse', np.float32, n=1024)
     x[640:768] = np.random.default_rng(5).random((128, 784)) + 0.5  # a dense batch
     eager, fused = (make('sparse', 'relu', optimizer, np.float32, classes, 784) for _ in range(2))
@@ -245,6 +246,33 @@ def test_a_compiled_epoch_runs_the_fused_weight_on_rows_padded_to_cache_lines(op
             tied = [k for k in program.row_args if k < len(program.params)]
             assert len(tied) == 2 and not set(program.pads) & set(tied)  # (their momenta may be padded)
     assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1]) and runs[1][2]
+
+    # the fused weight read by another op too (its layer under no_grad on one small row: a dense product
+    # that would take the padded rows as they are) is left in place
+    twins = []
+    for compiled in (False, True):
+        model = fg.MLP(784, classes, hidden=[60], activation='relu', rng=0)  # rows padded from 60 to 64
+        sgd = fg.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        layer = model.layers[0]
+        layer.w.value = off_cache_line(layer.w.value)
+
+        def probed(xb, yb):
+            sgd.zero_grad()
+            xn = TensorNode(xb, requires_grad=False)
+            loss = fg.cross_entropy(model(xn), yb)
+            loss.backward()
+            sgd.step()
+            with fg.no_grad():
+                probe = layer(xn.sum(axis=0).reshape(1, 784))
+            return loss + probe.sum() * 0
+        step = fg.compile(probed, keep_grads=False)
+        twins.append(((step.run(x, y, 128) if compiled else
+                       [float(probed(x[i:i + 128], y[i:i + 128]).value) for i in range(0, 1024, 128)]), model, sgd))
+        if compiled:
+            program = step.programs[next(iter(step.programs))]
+            assert program.row_states and not program.pads  # fused, not padded
+    assert list(twins[0][0]) == list(twins[1][0])
+    assert_same_training(twins[0][1:], twins[1][1:], 0)
 
 
 def test_without_grads_a_gradient_used_after_the_update_is_not_fused():
