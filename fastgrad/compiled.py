@@ -1201,10 +1201,8 @@ class Program:
         self.optimizers = list(gen.optimizers)
         self.state_args = list(gen.state_args)
         self.row_states = set(gen.row_states)  # passed 2-D, as their parameter's storage (a transposed weight)
-        # positions in arguments() of the arrays run() may pad: a fused weight read by its layer alone, its state
-        self.row_args = [i for i, p in enumerate(self.params) if id(p) in gen.row_params]
-        self.row_args += [len(self.params) + len(self.optimizers) + k for k in sorted(self.row_states)
-                          if id(self.state_args[k][1]) in gen.row_params]
+        self.row_params = set(gen.row_params)  # fused weights read by their layer alone: run() may pad them
+        self.row_args = []  # their positions in arguments(), and their states' (made by arrays())
         self.pads = {}  # position in arguments() -> its padded copy (Program.padded)
         self.result_dtypes = [r.dtype for r in results]
         self.single = single
@@ -1294,6 +1292,7 @@ class Program:
     def arrays(self):
         """The arguments besides the batch: parameters (storage views), hyperparameter tables, state buffers."""
         out = [p.value.T if t else p.value for p, t in zip(self.params, self.transposed)]
+        self.row_args = [i for i, p in enumerate(self.params) if id(p) in self.row_params]
         for opt in self.optimizers:
             if isinstance(opt, SGD):
                 rows = [(g['lr'], g['momentum'], g['weight_decay'], float(bool(g['nesterov']))) for g in opt.param_groups]
@@ -1308,6 +1307,8 @@ class Program:
                 self.steps.append(((opt, p), out[-1]))
                 continue
             buf = opt.flat_buffer(p, name)  # in the parameter's memory order: its storage view's, flat
+            if id(p) in self.row_params:
+                self.row_args.append(len(out))
             out.append(buf.reshape(p.value.T.shape) if k in self.row_states else buf)
         out += [np.empty(shape, dtype) for shape, dtype in self.scratch_specs]
         return out
