@@ -56,7 +56,8 @@ import numpy as np
 from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
-from .kernels.linear import SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, sparse_block
+from .kernels.linear import (CACHE_LINE, SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, cache_line_rows,
+                             cache_line_width, sparse_block)
 from .kernels.softmax import LOG_PRODUCT_MAX
 from .optim import SGD, Adam, Optimizer
 
@@ -1554,23 +1555,17 @@ def _thread_args(program):
     return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE), conv
 
 
-CACHE_LINE = 64  # bytes
-
-
 def _cache_line_width(m, dtype):
     """The row length, in entries of dtype, that holds m of them in whole cache lines."""
-    itemsize = np.dtype(dtype).itemsize
-    return -(-m * itemsize // CACHE_LINE) * CACHE_LINE // itemsize
+    return int(cache_line_width(m, np.dtype(dtype).itemsize))
 
 
 def _cache_line_rows(shape, dtype):
     """A zeroed 2-D array of `shape`'s rows, each widened to whole cache lines and starting on one; the first
     shape[1] columns are the array's, the rest padding."""
-    itemsize = np.dtype(dtype).itemsize
-    width = _cache_line_width(shape[1], dtype)
-    flat = np.zeros(shape[0] * width + CACHE_LINE // itemsize, dtype)
-    skip = (-flat.ctypes.data % CACHE_LINE) // itemsize
-    return flat[skip:skip + shape[0] * width].reshape(shape[0], width)
+    rows = cache_line_rows(shape[0], _cache_line_width(shape[1], dtype), np.dtype(dtype))
+    rows.fill(0)
+    return rows
 
 
 def _check_untraced_updates(recorder):

@@ -12,7 +12,8 @@ from numba.core import event
 from . import backend, kernels
 from . import functions as F
 from .core import TensorNode
-from .kernels.linear import act_bias_grad_rows, first_columns, sparse_affine, sparse_weight_grad_update
+from .kernels.linear import (act_bias_grad_rows, cache_line_rows, cache_line_width, first_columns, sparse_affine,
+                             sparse_weight_grad_update)
 from .kernels.optim import update_rows
 from .modules import MLP, Linear
 from .ops import BatchMM, MatrixMultiply
@@ -50,6 +51,7 @@ def _tasks(dtype, training):
         gz, _ = act_bias_grad_rows(np.zeros((16, 4), dtype), np.zeros((16, 4), dtype), kernels.RELU, 16)
         sparse_weight_grad_update(pixels, cols, count, gz, 4, rule, wt, wt.copy(), wt[:, :0].copy(), h)
         update_rows(rule, first_columns(wt, 4), wt, wt.copy(), wt[:, :0].copy(), h, 1)  # its dense batches
+        cache_line_rows(4, cache_line_width(4, wt.itemsize), wt.dtype)  # step.run's aligned rows
     sparse_compiled = [('compiled-step sparse update', fused_update)]
     if training == 'dense':
         return mlp + updates + compiled

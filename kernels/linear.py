@@ -70,16 +70,35 @@ def sparse_block(n_in, m, itemsize):
     return block if block >= SPARSE_MIN_BLOCK else max(n_in, 1)
 
 
+CACHE_LINE = 64  # bytes
+
+
+@njit(inline='always', cache=True)
+def cache_line_width(m, itemsize):
+    """The row length, in entries of itemsize bytes, that holds m of them in whole cache lines."""
+    return -(-m * itemsize // CACHE_LINE) * CACHE_LINE // itemsize
+
+
+@njit(inline='always', cache=True)
+def cache_line_rows(n, width, dtype):
+    """An uninitialised (n, width) array of dtype that starts on a cache line (numba and numpy align big
+    arrays to 32 or 16 bytes only)."""
+    itemsize = np.empty(0, dtype).itemsize
+    flat = np.empty(n * width + CACHE_LINE // itemsize, dtype)
+    skip = (-flat.ctypes.data % CACHE_LINE) // itemsize
+    return flat[skip:skip + n * width].reshape(n, width)
+
+
 @parallel_kernel
 def sparse_affine(x, wt, b, relu, parts, block):
     """x @ wt + b (relu fused) adding only the rows of wt that the nonzeros of x select; returns y and the
     nonzeros it found: part t's (input features n_in * t // parts up to the next part's) of row i are
     cols[t, i, :count[t, i]] (in order, NaN included).
 
-    Each thread sums its part's nonzeros of every row into a partial output, four weight rows per pass over
-    the output row (each 8-float block of it loaded and stored once for four weight rows), part 0 starting
-    from the bias; then the rows add up their parts' partial outputs in order (so y's last bits depend on
-    the number of parts).
+    Each thread sums its part's nonzeros of every row into a partial output (in rows that start on cache
+    lines), four weight rows per pass over the output row (each vector of it loaded and stored once for four
+    weight rows), part 0 starting from the bias; then each row of y is its parts' partial outputs added up in
+    order (so y's last bits depend on the number of parts).
 
     wt's rows may be longer than b: only their first m = len(b) entries are read (a compiled epoch passes
     the weight with its rows padded to whole cache lines)."""
@@ -87,13 +106,13 @@ def sparse_affine(x, wt, b, relu, parts, block):
     m = b.shape[0]
     parts = max(1, min(n_in, parts))
     width = -(-n_in // parts)
-    y = np.empty((n, m), wt.dtype)
-    partial = np.empty((parts - 1, n, m), wt.dtype)
+    # each part sums into rows that start on cache lines (a row of m floats is not a whole number of them)
+    partial = cache_line_rows(parts * n, cache_line_width(m, wt.itemsize), wt.dtype).reshape(parts, n, -1)
     cols = np.empty((parts, n, width), np.int32)
     count = np.empty((parts, n), np.int64)
     for t in prange(parts):
         lo, hi = n_in * t // parts, n_in * (t + 1) // parts
-        out, ct = (y if t == 0 else partial[t - 1]), cols[t]
+        out, ct = partial[t], cols[t]
         added = np.zeros(n, np.int64)  # per row: how many of its nonzeros are in the partial output already
         for end in range(lo + block, max(hi, lo + 1) + block, block):  # at least once: no inputs still need the bias
             for i in range(n):
@@ -124,10 +143,13 @@ def sparse_affine(x, wt, b, relu, parts, block):
                         yi[k] += v * r[k]
                     p += 1
                 added[i] = p
+    y = np.empty((n, m), wt.dtype)
     for t in prange(parts):
         for i in range(n * t // parts, n * (t + 1) // parts):
-            yi = y[i]
-            for s in range(parts - 1):
+            yi, p0 = y[i], partial[0, i]
+            for k in range(m):
+                yi[k] = p0[k]
+            for s in range(1, parts):
                 ps = partial[s, i]
                 for k in range(m):
                     yi[k] += ps[k]
@@ -266,11 +288,11 @@ def act_bias_grad(y, g, code):
 
 @kernel
 def act_bias_grad_rows(y, g, code, width):
-    """act_bias_grad with gz in rows of `width` (>= m) entries, the padding left unset: the weight gradient
-    of a compiled epoch's fused update reads a row of gz per nonzero, and in rows a whole number of cache
-    lines long (numba aligns an array to 32 bytes) its vector loads do not straddle lines."""
+    """act_bias_grad with gz in rows of `width` (>= m) entries that start on cache lines, the padding left
+    unset: the weight gradient of a compiled epoch's fused update reads a row of gz per nonzero, and on
+    such rows its vector loads do not straddle lines."""
     n, m = g.shape
-    gz = np.empty((n, width), g.dtype)
+    gz = cache_line_rows(n, width, g.dtype)
     for i in range(n):
         gzi, gi, yi = gz[i], g[i], y[i]
         if code == IDENTITY:

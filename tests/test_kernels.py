@@ -167,6 +167,68 @@ def test_act_bias_grad_rows_is_act_bias_grad_in_padded_rows(dtype, code):
     np.testing.assert_array_equal(gb_rows, gb)
 
 
+@pytest.mark.parametrize('n, m, dtype', [(1, 1, np.float32), (37, 11, np.float32), (128, 300, np.float32),
+                                          (5, 3, np.float64), (0, 7, np.float64)])
+def test_cache_line_rows_start_on_a_cache_line_and_are_whole_lines_long(n, m, dtype):
+    from fastgrad.kernels.linear import CACHE_LINE, cache_line_rows, cache_line_width
+    itemsize = np.dtype(dtype).itemsize
+    width = cache_line_width(m, itemsize)
+    assert width >= m and width * itemsize % CACHE_LINE == 0 and (width - m) * itemsize < CACHE_LINE
+    for _ in range(3):  # wherever the allocator puts it
+        rows = cache_line_rows(n, width, np.dtype(dtype))
+        assert rows.shape == (n, width) and rows.dtype == dtype and rows.flags.c_contiguous
+        assert rows.ctypes.data % CACHE_LINE == 0
+
+
+VECTOR_WIDTH_CHECK = """
+import hashlib, sys
+import numpy as np
+if sys.argv[1] == 'numba first':
+    from numba import njit
+    njit(lambda v: v + 1)(1)
+import fastgrad
+from fastgrad.kernels import jit
+from fastgrad.kernels.linear import act_bias_grad_rows, sparse_affine, sparse_weight_grad_update
+from fastgrad.kernels.optim import RULES
+rng = np.random.default_rng(0)
+x = rng.standard_normal((64, 200)).astype(np.float32) * (rng.random((64, 200)) < 0.2)
+wt = rng.standard_normal((200, 37)).astype(np.float32)
+b = rng.standard_normal(37).astype(np.float32)
+s1, s2 = np.zeros_like(wt), np.zeros_like(wt)
+h = np.array([0.01, 0.9, 0.999, 1e-8, 0, 1], np.float32)
+digest = hashlib.sha256()
+for _ in range(3):
+    y, cols, count = sparse_affine(x, wt, b, True, 2, 64)
+    gz, gb = act_bias_grad_rows(y, np.sin(y), 1, 48)
+    sparse_weight_grad_update(x, cols, count, gz, 37, np.int64(RULES['adam']), wt, s1, s2, h)
+    digest.update(y.tobytes() + gb.tobytes())
+digest.update(wt.tobytes() + s1.tobytes() + s2.tobytes())
+print(jit.CPU_FEATURES.endswith(',-prefer-256-bit'), digest.hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_kernels_take_512_bit_vectors_on_avx512_unless_told_otherwise_with_the_same_results():
+    """fastgrad lets numba use 512-bit vectors where the CPU has AVX-512, leaves NUMBA_CPU_FEATURES as the user
+    set it, and leaves numba's features as they are when numba compiled before fastgrad was imported; the
+    sparse kernels and the update give the same bits at either width."""
+    import os
+    from llvmlite import binding
+    host = binding.get_host_cpu_features()
+    env = {k: v for k, v in os.environ.items() if k != 'NUMBA_CPU_FEATURES'}
+
+    def run(how, **extra):
+        out = subprocess.run([sys.executable, '-c', VECTOR_WIDTH_CHECK, how], capture_output=True, text=True,
+                             env={**env, **extra})
+        assert out.returncode == 0, out.stdout + out.stderr
+        wide, digest = out.stdout.split()
+        return wide == 'True', digest
+    default, told, numba_first = run('import'), run('import', NUMBA_CPU_FEATURES=host.flatten()), run('numba first')
+    assert default[0] == bool(host.get('avx512f'))
+    assert not told[0] and not numba_first[0]
+    assert default[1] == told[1] == numba_first[1]
+
+
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
     from fastgrad.kernels.linear import SPARSE_BLOCK_BYTES, sparse_block
     assert sparse_block(784, 300, 4) == SPARSE_BLOCK_BYTES // 1200  # MNIST's first layer: several blocks
