@@ -9,12 +9,12 @@ microseconds, so small loops stay serial. How many threads a parallel kernel use
 (a `parts` argument): kernels never ask numba or BLAS for thread counts (numba's get_num_threads inside a
 kernel would also stop it from being cached).
 Vector width: on a CPU with AVX-512, LLVM's tuning for Intel's server cores keeps loops on 256-bit vectors.
-The sparse kernels run over weight rows held in L2 and are quicker on 512-bit ones, so before numba's first
-compilation in the process the feature string it compiles with gets '-prefer-256-bit' (see wide_vectors).
+The sparse kernels run over weight rows held in L2 and are quicker on 512-bit ones, so before numba sets up
+its code generator the feature string it compiles with gets '-prefer-256-bit' (see wide_vectors).
 """
 import numba
-from llvmlite import binding as llvm
 from numba import njit
+from numba.core.codegen import get_host_cpu_features
 from numba.core.registry import cpu_target
 
 kernel = njit(cache=True, error_model='numpy')
@@ -23,12 +23,13 @@ parallel_kernel = njit(cache=True, error_model='numpy', parallel=True)
 
 def wide_vectors():
     """Lets LLVM use 512-bit vectors on a CPU with AVX-512, unless NUMBA_CPU_FEATURES is set (the user's
-    choice, left as it is) or numba compiled with other features before fastgrad was imported (numba then
-    keeps them). Loops compiled without fastmath keep the order of their operations at any width, so the
-    kernels' results do not change, only their speed. Returns the features numba compiles with."""
-    features = llvm.get_host_cpu_features()
-    if numba.config.CPU_FEATURES is None and features.get('avx512f'):
-        numba.config.CPU_FEATURES = features.flatten() + ',-prefer-256-bit'
+    choice, left as it is) or numba set up its code generator before fastgrad was imported (any @njit
+    function defined first does; numba then keeps its features). Loops compiled without fastmath keep the
+    order of their operations at any width, so the kernels' results do not change, only their speed.
+    Returns the features numba compiles with."""
+    features = get_host_cpu_features()  # numba's: '' where LLVM cannot tell, no AVX with NUMBA_ENABLE_AVX=0
+    if numba.config.CPU_FEATURES is None and '+avx512f' in features.split(','):
+        numba.config.CPU_FEATURES = features + ',-prefer-256-bit'
         if cpu_target.target_context.codegen().magic_tuple()[2] != numba.config.CPU_FEATURES:
             numba.config.CPU_FEATURES = None  # the codegen was made before: these features are not in use
     return cpu_target.target_context.codegen().magic_tuple()[2]

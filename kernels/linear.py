@@ -107,7 +107,8 @@ def sparse_affine(x, wt, b, relu, parts, block):
     parts = max(1, min(n_in, parts))
     width = -(-n_in // parts)
     # each part sums into rows that start on cache lines (a row of m floats is not a whole number of them)
-    partial = cache_line_rows(parts * n, cache_line_width(m, wt.itemsize), wt.dtype).reshape(parts, n, -1)
+    lines = cache_line_width(m, wt.itemsize)
+    partial = cache_line_rows(parts * n, lines, wt.dtype).reshape(parts, n, lines)
     cols = np.empty((parts, n, width), np.int32)
     count = np.empty((parts, n), np.int64)
     for t in prange(parts):
@@ -288,9 +289,10 @@ def act_bias_grad(y, g, code):
 
 @kernel
 def act_bias_grad_rows(y, g, code, width):
-    """act_bias_grad with gz in rows of `width` (>= m) entries that start on cache lines, the padding left
-    unset: the weight gradient of a compiled epoch's fused update reads a row of gz per nonzero, and on
-    such rows its vector loads do not straddle lines."""
+    """act_bias_grad with gz in rows of `width` (>= m) entries, the first starting on a cache line (each of
+    them when width fills whole lines, as a compiled step asks), the padding left unset: the weight gradient
+    of a compiled epoch's fused update reads a row of gz per nonzero, and on such rows its vector loads do not
+    straddle lines."""
     n, m = g.shape
     gz = cache_line_rows(n, width, g.dtype)
     for i in range(n):

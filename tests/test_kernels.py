@@ -185,7 +185,8 @@ import hashlib, sys
 import numpy as np
 if sys.argv[1] == 'numba first':
     from numba import njit
-    njit(lambda v: v + 1)(1)
+    njit(lambda v: v + 1)  # defined, never called: numba's code generator is set up
+import numba
 import fastgrad
 from fastgrad.kernels import jit
 from fastgrad.kernels.linear import act_bias_grad_rows, sparse_affine, sparse_weight_grad_update
@@ -203,19 +204,23 @@ for _ in range(3):
     sparse_weight_grad_update(x, cols, count, gz, 37, np.int64(RULES['adam']), wt, s1, s2, h)
     digest.update(y.tobytes() + gb.tobytes())
 digest.update(wt.tobytes() + s1.tobytes() + s2.tobytes())
-print(jit.CPU_FEATURES.endswith(',-prefer-256-bit'), digest.hexdigest())
+wide = jit.CPU_FEATURES.endswith(',-prefer-256-bit')
+# numba's config names the features only when they are the ones in use
+assert wide == str(numba.config.CPU_FEATURES).endswith(',-prefer-256-bit'), numba.config.CPU_FEATURES
+print(wide, digest.hexdigest())
 """
 
 
 @pytest.mark.slow
 def test_kernels_take_512_bit_vectors_on_avx512_unless_told_otherwise_with_the_same_results():
-    """fastgrad lets numba use 512-bit vectors where the CPU has AVX-512, leaves NUMBA_CPU_FEATURES as the user
-    set it, and leaves numba's features as they are when numba compiled before fastgrad was imported; the
-    sparse kernels and the update give the same bits at either width."""
+    """fastgrad lets numba use 512-bit vectors where the CPU has AVX-512, leaves NUMBA_CPU_FEATURES and
+    NUMBA_ENABLE_AVX=0 as the user set them, and leaves numba's features as they are when numba set up its
+    code generator before fastgrad was imported; the sparse kernels and the update give the same bits at
+    either width."""
     import os
-    from llvmlite import binding
-    host = binding.get_host_cpu_features()
-    env = {k: v for k, v in os.environ.items() if k != 'NUMBA_CPU_FEATURES'}
+    from numba.core.codegen import get_host_cpu_features
+    host = get_host_cpu_features()
+    env = {k: v for k, v in os.environ.items() if not k.startswith('NUMBA_')}
 
     def run(how, **extra):
         out = subprocess.run([sys.executable, '-c', VECTOR_WIDTH_CHECK, how], capture_output=True, text=True,
@@ -223,10 +228,11 @@ def test_kernels_take_512_bit_vectors_on_avx512_unless_told_otherwise_with_the_s
         assert out.returncode == 0, out.stdout + out.stderr
         wide, digest = out.stdout.split()
         return wide == 'True', digest
-    default, told, numba_first = run('import'), run('import', NUMBA_CPU_FEATURES=host.flatten()), run('numba first')
-    assert default[0] == bool(host.get('avx512f'))
-    assert not told[0] and not numba_first[0]
-    assert default[1] == told[1] == numba_first[1]
+    default, told, numba_first = run('import'), run('import', NUMBA_CPU_FEATURES=host), run('numba first')
+    no_avx = run('import', NUMBA_ENABLE_AVX='0')
+    assert default[0] == ('+avx512f' in host.split(','))
+    assert not told[0] and not numba_first[0] and not no_avx[0]
+    assert default[1] == told[1] == numba_first[1] == no_avx[1]
 
 
 def test_sparse_block_keeps_a_block_of_weight_rows_in_l2():
