@@ -720,8 +720,7 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
             if sp is not None and out.dtype == w.dtype:
                 # fused, gz is made in rows of whole cache lines and the weight gradient is not made at all
                 m = w.shape[0]
-                width = _cache_line_width(m, out.dtype)
-                rewrites = {gz_line: f'    {gz}, {gb} = _act_bias_grad_rows({out.name}, {g.name}, {code}, {width})',
+                rewrites = {gz_line: f'    {gz}, {gb} = _act_bias_grad_rows({out.name}, {g.name}, {code})',
                             gz_line + 1: f'    {gwt} = np.empty((0, 0), {_dtype_name(out.dtype)})'}
                 gwv.fusable = (rewrites, sp, f'{xs.name}, {cols}, {count}, {gz}, {m}')
     gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
@@ -1555,15 +1554,11 @@ def _thread_args(program):
     return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE), conv
 
 
-def _cache_line_width(m, dtype):
-    """The row length, in entries of dtype, that holds m of them in whole cache lines."""
-    return int(cache_line_width(m, np.dtype(dtype).itemsize))
-
-
 def _cache_line_rows(shape, dtype):
     """A zeroed 2-D array of `shape`'s rows, each widened to whole cache lines and starting on one; the first
     shape[1] columns are the array's, the rest padding."""
-    rows = cache_line_rows(shape[0], _cache_line_width(shape[1], dtype), np.dtype(dtype))
+    dtype = np.dtype(dtype)
+    rows = cache_line_rows(shape[0], cache_line_width(shape[1], dtype.itemsize), dtype)
     rows.fill(0)
     return rows
 

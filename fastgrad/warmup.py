@@ -48,7 +48,7 @@ def _tasks(dtype, training):
     def fused_update():  # a compiled step's update of a sparse-input weight (compile(..., keep_grads=False))
         wt, rule, h = np.zeros((256, 4), dtype), np.int64(kernels.RULES['sgd']), np.zeros(6, dtype)
         _, cols, count = sparse_affine(pixels, wt, wt[0], True, 1, 256)
-        gz, _ = act_bias_grad_rows(np.zeros((16, 4), dtype), np.zeros((16, 4), dtype), kernels.RELU, 16)
+        gz, _ = act_bias_grad_rows(np.zeros((16, 4), dtype), np.zeros((16, 4), dtype), kernels.RELU)
         sparse_weight_grad_update(pixels, cols, count, gz, 4, rule, wt, wt.copy(), wt[:, :0].copy(), h)
         update_rows(rule, first_columns(wt, 4), wt, wt.copy(), wt[:, :0].copy(), h, 1)  # its dense batches
         cache_line_rows(4, cache_line_width(4, wt.itemsize), wt.dtype)  # step.run's aligned rows

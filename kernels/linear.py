@@ -83,9 +83,8 @@ def cache_line_width(m, itemsize):
 def cache_line_rows(n, width, dtype):
     """An uninitialised (n, width) array of dtype that starts on a cache line (numba and numpy align big
     arrays to 32 or 16 bytes only)."""
-    itemsize = np.empty(0, dtype).itemsize
-    flat = np.empty(n * width + CACHE_LINE // itemsize, dtype)
-    skip = (-flat.ctypes.data % CACHE_LINE) // itemsize
+    flat = np.empty(n * width + CACHE_LINE, dtype)  # CACHE_LINE entries to spare: at least as many bytes
+    skip = (-flat.ctypes.data % CACHE_LINE) // flat.itemsize
     return flat[skip:skip + n * width].reshape(n, width)
 
 
@@ -288,13 +287,12 @@ def act_bias_grad(y, g, code):
 
 
 @kernel
-def act_bias_grad_rows(y, g, code, width):
-    """act_bias_grad with gz in rows of `width` (>= m) entries, the first starting on a cache line (each of
-    them when width fills whole lines, as a compiled step asks), the padding left unset: the weight gradient
-    of a compiled epoch's fused update reads a row of gz per nonzero, and on such rows its vector loads do not
-    straddle lines."""
+def act_bias_grad_rows(y, g, code):
+    """act_bias_grad with gz in rows that start on cache lines and are whole lines long, the padding left
+    unset: the weight gradient of a compiled epoch's fused update reads a row of gz per nonzero, and on such
+    rows its vector loads do not straddle lines."""
     n, m = g.shape
-    gz = cache_line_rows(n, width, g.dtype)
+    gz = cache_line_rows(n, cache_line_width(m, g.itemsize), g.dtype)
     for i in range(n):
         gzi, gi, yi = gz[i], g[i], y[i]
         if code == IDENTITY:
