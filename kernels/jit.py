@@ -20,6 +20,8 @@ from numba.core.registry import cpu_target
 kernel = njit(cache=True, error_model='numpy')
 parallel_kernel = njit(cache=True, error_model='numpy', parallel=True)
 
+CACHE_LINE = 64  # bytes: a 512-bit vector
+
 
 def wide_vectors():
     """Lets LLVM use 512-bit vectors on a CPU with AVX-512, unless NUMBA_CPU_FEATURES is set (the user's

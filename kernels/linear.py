@@ -15,7 +15,8 @@ from numba import njit, prange
 
 from .activations import IDENTITY, RELU, act_derivative, activate_inplace
 from .blas import matmul
-from .jit import kernel, parallel_kernel
+from .jit import CACHE_LINE, kernel, parallel_kernel
+from .nonzero import nonzero_columns
 from .optim import apply_row_update
 
 # The sparse pair beats the dense pair up to about 30 % nonzeros; small inputs stay dense, because
@@ -70,9 +71,6 @@ def sparse_block(n_in, m, itemsize):
     return block if block >= SPARSE_MIN_BLOCK else max(n_in, 1)
 
 
-CACHE_LINE = 64  # bytes
-
-
 @njit(inline='always', cache=True)
 def cache_line_width(m, itemsize):
     """The row length, in entries of itemsize bytes, that holds m of them in whole cache lines."""
@@ -118,11 +116,7 @@ def sparse_affine(x, wt, b, relu, parts, block):
             for i in range(n):
                 yi, xi, ci = out[i], x[i], ct[i]
                 if end == lo + block:  # the row's first block: find its nonzeros, start from the bias or zero
-                    c = 0
-                    for j in range(lo, hi):  # branch-free: write the index always, advance only past a nonzero
-                        ci[c] = j
-                        c += xi[j] != 0
-                    count[t, i] = c
+                    count[t, i] = nonzero_columns(xi, lo, hi, ci)
                     if t == 0:
                         for k in range(m):
                             yi[k] = b[k]

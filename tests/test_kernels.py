@@ -87,6 +87,28 @@ def check_nonzeros(x, cols, count):
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
+def test_nonzero_columns_compiled_is_its_python_definition(dtype):
+    """The compiled nonzero_columns (a cache line at a time, then the rest) finds what its Python definition
+    and np.flatnonzero find, in order: NaN and inf count, -0.0 does not, denormals do; on ranges that start
+    and end anywhere in a line, and on a row that is not contiguous (the plain loop)."""
+    from numba import njit
+    from fastgrad.kernels.nonzero import nonzero_columns
+    find = njit(lambda xi, lo, hi, ci: nonzero_columns(xi, lo, hi, ci))
+    tiny = np.finfo(dtype).tiny / 4
+    row = sparse_data((1, 100), dtype, 0.3, 31)[0]
+    row[[3, 17, 40, 41, 63, 64, 99]] = [np.nan, -np.inf, -0.0, tiny, np.inf, -tiny, 1]
+    grid = np.zeros((100, 2), dtype)
+    grid[:, 0] = row
+    for xi in (row, grid[:, 0]):
+        for lo, hi in [(0, 100), (1, 99), (3, 19), (16, 48), (40, 40), (0, 15), (50, 100)]:
+            want = lo + np.flatnonzero(xi[lo:hi])
+            ci, cp = np.full(hi - lo, -1, np.int32), np.full(hi - lo, -1, np.int32)
+            assert find(xi, lo, hi, ci) == nonzero_columns(xi, lo, hi, cp) == len(want)
+            np.testing.assert_array_equal(ci[:len(want)], want)
+            np.testing.assert_array_equal(cp[:len(want)], want)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('parts', [1, 2, 3, 64, 200])
 @pytest.mark.parametrize('block', [1, 3, 5, 64, 129])
 def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
