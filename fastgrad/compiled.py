@@ -56,6 +56,7 @@ import numpy as np
 from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
+from .kernels.jit import SOURCE_HASH
 from .kernels.linear import (CACHE_LINE, SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, cache_line_rows,
                              cache_line_width, sparse_block)
 from .kernels.softmax import LOG_PRODUCT_MAX
@@ -1107,20 +1108,6 @@ from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_b
 '''
 
 
-def _kernels_fingerprint():
-    """A hash of the kernels' source: numba's cache of a generated module does not notice their edits."""
-    digest = hashlib.sha256()
-    folder = os.path.dirname(kernels.__file__)
-    for name in sorted(os.listdir(folder)):
-        if name.endswith('.py'):
-            with open(os.path.join(folder, name), 'rb') as f:
-                digest.update(name.encode() + f.read())
-    return digest.hexdigest()[:16]
-
-
-_FINGERPRINT = None
-
-
 def cache_dir():
     """Where generated steps are written: $FASTGRAD_CACHE, else ~/.cache/fastgrad/compiled. When that cannot
     be written, the temporary folder's fastgrad-compiled-<uid> if this user owns it and no one else may write
@@ -1159,10 +1146,8 @@ def _load_module(source):
     """Imports generated source from the cache folder, registered in sys.modules under its name first, which
     numba's cache needs to load it in a later process. The file is named by the hash of its text and written
     once, atomically; one that holds anything else (damaged, or another step's text) is written again."""
-    global _FINGERPRINT
-    if _FINGERPRINT is None:
-        _FINGERPRINT = _kernels_fingerprint()
-    source = f'# kernels {_FINGERPRINT}\n' + source
+    # numba's cache of a generated module does not notice edits of the kernels it calls
+    source = f'# kernels {SOURCE_HASH[:16]}\n' + source
     name = 'fastgrad_step_' + hashlib.sha256(source.encode()).hexdigest()[:20]
     if name in sys.modules:
         return sys.modules[name]

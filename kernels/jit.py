@@ -11,16 +11,55 @@ kernel would also stop it from being cached).
 Vector width: on a CPU with AVX-512, LLVM's tuning for Intel's server cores keeps loops on 256-bit vectors.
 The sparse kernels run over weight rows held in L2 and are quicker on 512-bit ones, so before numba sets up
 its code generator the feature string it compiles with gets '-prefer-256-bit' (see wide_vectors).
+The cache: numba checks a cached function against its own file only, but kernels inline helpers from other
+files of this folder (the optimizer updates into the fused weight gradient, the nonzero listing into the
+sparse forward), so for the functions of this folder the check is against all of its files (SOURCE_HASH).
 """
+import hashlib
+import os
+
 import numba
 from numba import njit
+from numba.core import caching
 from numba.core.codegen import get_host_cpu_features
 from numba.core.registry import cpu_target
 
+CACHE_LINE = 64  # bytes: an x86 cache line
+
+
+def _source_hash(folder):
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith('.py'):
+            with open(os.path.join(folder, name), 'rb') as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+FOLDER = os.path.dirname(os.path.abspath(__file__))
+SOURCE_HASH = _source_hash(FOLDER)  # of every .py file here
+
+
+class _FolderStamp:
+    """A numba cache locator for the functions of this folder whose source stamp is SOURCE_HASH."""
+
+    def get_source_stamp(self):
+        return SOURCE_HASH
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if os.path.dirname(os.path.abspath(py_file)) != FOLDER:
+            return None
+        return super().from_function(py_func, py_file)
+
+
+# in front of numba's own locators (and in their order): the ones that cache beside a source file
+caching.CacheImpl._locator_classes[:0] = [
+    type('Kernels' + c.__name__.lstrip('_'), (_FolderStamp, c), {})
+    for c in caching.CacheImpl._locator_classes if issubclass(c, caching._SourceFileBackedLocatorMixin)]
+
 kernel = njit(cache=True, error_model='numpy')
 parallel_kernel = njit(cache=True, error_model='numpy', parallel=True)
-
-CACHE_LINE = 64  # bytes: a 512-bit vector
 
 
 def wide_vectors():

@@ -1,26 +1,28 @@
 """The column indices of a row's nonzeros, for the sparse kernels: one cache line of the row at a time.
 
-numba's loops cannot compact (write only the indices of the nonzeros, one after another) but one element
-after another, each waiting for the count before it. LLVM's masked compress-store does it a
-cache line at a time: on AVX-512 one instruction (vpcompressd) writes the indices the line's nonzero lanes
-select; elsewhere LLVM expands it into a store per lane.
+A numba loop can write the indices of the nonzeros one after another (compact them) only one element at a
+time, each element waiting for the count before it. On AVX-512, one instruction (vpcompressd, LLVM's
+masked compress-store) writes the indices that a cache line's nonzero lanes select.
 
 `nonzero_columns` is the Python definition (it runs as written under NUMBA_DISABLE_JIT); compiled code
-gets the overload below: `_compress_line` for every whole line of the range, a branch-free loop for the
-rest (and for rows that are not contiguous).
+gets the overload below: on a CPU with AVX-512, `_compress_line` for every whole line of the range and a
+branch-free loop for the rest; elsewhere (LLVM would expand the compress-store into a branch per lane), and
+for rows that are not contiguous, the branch-free loop alone.
 """
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .jit import CACHE_LINE
+from .jit import CACHE_LINE, CPU_FEATURES
+
+COMPRESS = '+avx512f' in CPU_FEATURES.split(',')
 
 
 def nonzero_columns(xi, lo, hi, ci):
-    """Writes the indices j in lo..hi-1 where xi[j] != 0 (NaN included, -0.0 not) to ci[0], ci[1], ... in
-    order and returns how many there are. ci must hold hi - lo entries; the compiled version may write
-    past the count too (scratch for the caller)."""
+    """Writes the indices j in lo..hi-1 (0 <= lo <= hi <= len(xi)) where xi[j] != 0 (NaN included, -0.0
+    not) to ci[0], ci[1], ... in order and returns how many there are. ci must hold hi - lo entries; the
+    compiled version may write past the count too (scratch for the caller)."""
     c = 0
     for j in range(lo, hi):
         if xi[j] != 0:
@@ -29,24 +31,26 @@ def nonzero_columns(xi, lo, hi, ci):
     return c
 
 
+def _lanes(dtype):
+    """How many numbers of dtype fill a cache line."""
+    return CACHE_LINE * 8 // dtype.bitwidth
+
+
 @intrinsic
 def _compress_line(typingctx, xi, j, ci, c):
-    """ci[c:] gets the indices j, j + 1, ... of the nonzeros among the `lanes` entries of xi from j on (one
-    cache line of them), in order; returns c plus their number. xi 1-D float, ci 1-D int32, both
-    contiguous; xi[j:j + lanes] must be in bounds (ci needs room for the nonzeros only)."""
-    if not (isinstance(xi, types.Array) and isinstance(xi.dtype, types.Float)
-            and isinstance(ci, types.Array) and ci.dtype == types.int32):
-        return None
-    lanes = CACHE_LINE * 8 // xi.dtype.bitwidth
-    sig = types.intp(xi, types.intp, ci, types.intp)
+    """ci[c:] gets the indices j, j + 1, ... of the nonzeros among the entries of xi from j on that fill a
+    cache line, in order; returns c plus their number. For the arrays the overload below passes it (xi a
+    contiguous 1-D float array with xi[j:j + lanes] in bounds, ci a contiguous 1-D int32 array with room for
+    the nonzeros)."""
+    lanes = _lanes(xi.dtype)
 
     def codegen(context, builder, signature, args):
         x_arr, j_val, c_arr, c_val = args
         xs = context.make_array(signature.args[0])(context, builder, x_arr)
         cs = context.make_array(signature.args[2])(context, builder, c_arr)
         fty, i32, i1 = context.get_value_type(xi.dtype), ir.IntType(32), ir.IntType(1)
-        values = builder.load(builder.gep(xs.data, [j_val]), typ=ir.VectorType(fty, lanes),
-                              align=xi.dtype.bitwidth // 8)
+        line = builder.bitcast(builder.gep(xs.data, [j_val]), ir.VectorType(fty, lanes).as_pointer())
+        values = builder.load(line, align=xi.dtype.bitwidth // 8)
         mask = builder.fcmp_unordered('!=', values, ir.Constant(ir.VectorType(fty, lanes), None))
         first = builder.insert_element(ir.Constant(ir.VectorType(i32, lanes), ir.Undefined),
                                        builder.trunc(j_val, i32), ir.Constant(i32, 0))
@@ -62,14 +66,16 @@ def _compress_line(typingctx, xi, j, ci, c):
                                                f'llvm.ctpop.i{lanes}')
         found = builder.zext(builder.call(ctpop, [bits]), c_val.type)
         return builder.add(c_val, found)
-    return sig, codegen
+    return types.intp(xi, types.intp, ci, types.intp), codegen
 
 
 @overload(nonzero_columns, inline='always')
 def _nonzero_columns_compiled(xi, lo, hi, ci):
-    if xi.layout != 'C' or ci.layout != 'C' or ci.dtype != types.int32:
+    lines = (COMPRESS and isinstance(xi.dtype, types.Float) and ci.dtype == types.int32
+             and xi.ndim == ci.ndim == 1 and xi.layout == ci.layout == 'C')
+    if not lines:
         return lambda xi, lo, hi, ci: _branch_free(xi, lo, hi, ci, 0)
-    lanes = CACHE_LINE * 8 // xi.dtype.bitwidth
+    lanes = _lanes(xi.dtype)
 
     def impl(xi, lo, hi, ci):
         c, j = 0, lo

@@ -102,10 +102,24 @@ def test_nonzero_columns_compiled_is_its_python_definition(dtype):
     for xi in (row, grid[:, 0]):
         for lo, hi in [(0, 100), (1, 99), (3, 19), (16, 48), (40, 40), (0, 15), (50, 100)]:
             want = lo + np.flatnonzero(xi[lo:hi])
-            ci, cp = np.full(hi - lo, -1, np.int32), np.full(hi - lo, -1, np.int32)
-            assert find(xi, lo, hi, ci) == nonzero_columns(xi, lo, hi, cp) == len(want)
+            ci, cp = np.full(hi - lo + 16, -1, np.int32), np.full(hi - lo, -1, np.int32)
+            assert find(xi, lo, hi, ci[:hi - lo]) == nonzero_columns(xi, lo, hi, cp) == len(want)
             np.testing.assert_array_equal(ci[:len(want)], want)
+            np.testing.assert_array_equal(ci[hi - lo:], -1)  # nothing written past what ci must hold
             np.testing.assert_array_equal(cp[:len(want)], want)
+
+
+def test_kernels_are_cached_against_all_of_their_folder():
+    """A cached kernel is checked against every source file of kernels/ (it inlines helpers from the
+    others), a function elsewhere against its own file as numba does."""
+    from numba import njit
+    from fastgrad.kernels import jit
+    from fastgrad.kernels.linear import sparse_affine
+    from fastgrad.kernels.optim import update_serial
+    for kernel in (sparse_affine, update_serial):
+        assert kernel._cache._impl.locator.get_source_stamp() == jit.SOURCE_HASH
+    elsewhere = njit(cache=True)(test_kernels_are_cached_against_all_of_their_folder)
+    assert elsewhere._cache._impl.locator.get_source_stamp() != jit.SOURCE_HASH
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
