@@ -53,10 +53,13 @@ class _FolderStamp:
         return super().from_function(py_func, py_file)
 
 
-# in front of numba's own locators (and in their order): the ones that cache beside a source file
-caching.CacheImpl._locator_classes[:0] = [
-    type('Kernels' + c.__name__.lstrip('_'), (_FolderStamp, c), {})
-    for c in caching.CacheImpl._locator_classes if issubclass(c, caching._SourceFileBackedLocatorMixin)]
+# in front of numba's own locators (and in their order): the ones that cache beside a source file. These are
+# numba internals (0.59 to 0.68): a numba without them keeps its own per-file check.
+_LOCATORS = getattr(getattr(caching, 'CacheImpl', None), '_locator_classes', None)
+_FILE_BACKED = getattr(caching, '_SourceFileBackedLocatorMixin', None)
+if isinstance(_LOCATORS, list) and _FILE_BACKED is not None:
+    _LOCATORS[:0] = [type('Kernels' + c.__name__.lstrip('_'), (_FolderStamp, c), {})
+                     for c in _LOCATORS if issubclass(c, _FILE_BACKED)]
 
 kernel = njit(cache=True, error_model='numpy')
 parallel_kernel = njit(cache=True, error_model='numpy', parallel=True)
