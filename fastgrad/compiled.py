@@ -56,8 +56,8 @@ import numpy as np
 from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
-from .kernels.jit import SOURCE_HASH
-from .kernels.linear import (CACHE_LINE, SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, cache_line_rows,
+from .kernels.jit import CACHE_LINE, SOURCE_HASH
+from .kernels.linear import (SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, cache_line_rows,
                              cache_line_width, sparse_block)
 from .kernels.softmax import LOG_PRODUCT_MAX
 from .optim import SGD, Adam, Optimizer
