@@ -88,25 +88,36 @@ def check_nonzeros(x, cols, count):
 
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_nonzero_columns_compiled_is_its_python_definition(dtype):
-    """The compiled nonzero_columns (a cache line at a time, then the rest) finds what its Python definition
-    and np.flatnonzero find, in order: NaN and inf count, -0.0 does not, denormals do; on ranges that start
-    and end anywhere in a line, and on a row that is not contiguous (the plain loop)."""
+    """The compiled nonzero_columns finds what its Python definition and np.flatnonzero find, in order: NaN
+    and inf count, -0.0 does not, denormals do; on ranges that start and end anywhere in a vector or line,
+    and on a row that is not contiguous (the plain loop). So does each vector form this CPU can run (a
+    cache line at a time on AVX-512, a vector at a time on AVX2), whichever the compiled one takes."""
     from numba import njit
+    from fastgrad.kernels import nonzero
     from fastgrad.kernels.nonzero import nonzero_columns
-    find = njit(lambda xi, lo, hi, ci: nonzero_columns(xi, lo, hi, ci))
+    features = nonzero.CPU_FEATURES.split(',')
+    table = nonzero.lane_table(nonzero.VECTOR // np.dtype(dtype).itemsize)
+    forms = [njit(lambda xi, lo, hi, ci: nonzero_columns(xi, lo, hi, ci))]
+    if '+avx512f' in features:
+        forms.append(njit(lambda xi, lo, hi, ci: nonzero.compressed_columns(xi, lo, hi, ci)))
+    if '+avx2' in features:
+        forms.append(njit(lambda xi, lo, hi, ci: nonzero.packed_columns(xi, lo, hi, ci, table)))
     tiny = np.finfo(dtype).tiny / 4
     row = sparse_data((1, 100), dtype, 0.3, 31)[0]
     row[[3, 17, 40, 41, 63, 64, 99]] = [np.nan, -np.inf, -0.0, tiny, np.inf, -tiny, 1]
     grid = np.zeros((100, 2), dtype)
     grid[:, 0] = row
-    for xi in (row, grid[:, 0]):
-        for lo, hi in [(0, 100), (1, 99), (3, 19), (16, 48), (40, 40), (0, 15), (50, 100)]:
-            want = lo + np.flatnonzero(xi[lo:hi])
-            ci, cp = np.full(hi - lo + 16, -1, np.int32), np.full(hi - lo, -1, np.int32)
-            assert find(xi, lo, hi, ci[:hi - lo]) == nonzero_columns(xi, lo, hi, cp) == len(want)
-            np.testing.assert_array_equal(ci[:len(want)], want)
-            np.testing.assert_array_equal(ci[hi - lo:], -1)  # nothing written past what ci must hold
-            np.testing.assert_array_equal(cp[:len(want)], want)
+    for find in forms:
+        for xi in (row, grid[:, 0]):
+            for lo, hi in [(0, 100), (1, 99), (3, 19), (16, 48), (40, 40), (0, 15), (50, 100), (92, 100)]:
+                if find is not forms[0] and not xi.flags.c_contiguous:
+                    continue  # the vector forms take contiguous rows only
+                want = lo + np.flatnonzero(xi[lo:hi])
+                ci, cp = np.full(hi - lo + 16, -1, np.int32), np.full(hi - lo, -1, np.int32)
+                assert find(xi, lo, hi, ci[:hi - lo]) == nonzero_columns(xi, lo, hi, cp) == len(want)
+                np.testing.assert_array_equal(ci[:len(want)], want)
+                np.testing.assert_array_equal(ci[hi - lo:], -1)  # nothing written past what ci must hold
+                np.testing.assert_array_equal(cp[:len(want)], want)
 
 
 def test_kernels_are_cached_against_all_of_their_folder():
