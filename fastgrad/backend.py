@@ -66,7 +66,7 @@ def prepare(*arrays, dtype=None):
 
 # -- the thread policy
 POLICIES = ('auto', 'blas', 'numba')
-PARALLEL_MIN_SIZE = 1 << 16  # an optimizer update of fewer elements stays serial: starting threads costs more
+PARALLEL_MIN_SIZE = 1 << 16  # a loop of fewer elements (numba_parts) stays serial: starting threads costs more
 _policy = {'policy': 'auto', 'owner': 'blas', 'blas_threads': None}  # blas_threads: OpenBLAS's count to give back
 _scipy_blas = None
 
@@ -128,9 +128,10 @@ def conv_parts():
     return numba.get_num_threads()
 
 
-def update_parts(size):
-    """The threads for an optimizer update of `size` elements: numba's when they own the cores and the
-    update is big enough to gain from them, else 1."""
+def numba_parts(size):
+    """The threads for a loop of `size` elements or multiply-adds (an optimizer update, the gather of a
+    compiled epoch's batch, a dense layer's two backward products): numba's when they own the cores (BLAS is
+    then on one thread) and the loop is big enough to gain from them, else 1."""
     if size < PARALLEL_MIN_SIZE or _policy['owner'] != 'numba':
         return 1
     return numba.get_num_threads()
@@ -139,10 +140,11 @@ def update_parts(size):
 def update(rule, p, g, s1, s2, scalars):
     """One optimizer update in place (kernels.update; scalars: an array of six numbers of p's dtype): on
     numba's threads when they own the cores and p is big."""
-    if p.shape[0] < PARALLEL_MIN_SIZE or _policy['owner'] != 'numba':
+    parts = numba_parts(p.shape[0])
+    if parts == 1:
         update_serial(rule, p, g, s1, s2, scalars)
     else:
-        update_parallel(rule, p, g, s1, s2, scalars, numba.get_num_threads())
+        update_parallel(rule, p, g, s1, s2, scalars, parts)
 
 
 def threads():

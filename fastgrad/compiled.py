@@ -528,8 +528,8 @@ class Generator:
                     indent = '    '
                 threaded, serial = ('update_rows', 'apply_rows') if rows else ('update_parallel', 'apply_update')
                 if size >= backend.PARALLEL_MIN_SIZE:
-                    self.emit(f'{indent}if update_parts > 1:')
-                    self.emit(f'{indent}    {threaded}({rule}, {p_arg}, {g_arg}, {state}, update_parts)')
+                    self.emit(f'{indent}if numba_parts > 1:')
+                    self.emit(f'{indent}    {threaded}({rule}, {p_arg}, {g_arg}, {state}, numba_parts)')
                     self.emit(f'{indent}else:')
                     self.emit(f'{indent}    {serial}({rule}, {p_arg}, {g_arg}, {state})')
                 else:
@@ -701,7 +701,10 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
     gx, gwt, gb, gz = gen.fresh('gx'), gen.fresh('gwt'), gen.fresh('gb'), gen.fresh('gz')
     if not g.contiguous:
         g = gen.new(gen.storage(g), g.shape, g.dtype)
-    dense = f'{gx}, {gwt}, {gb} = _dense_backward({xs.name}, {wt.name}, {out.name}, {g.name}, {code}, {need_x})'
+    # the two products on two threads where eager runs them so (backend.numba_parts)
+    parts = 'numba_parts' if x.shape[0] * w.shape[0] * w.shape[1] >= backend.PARALLEL_MIN_SIZE else 1
+    dense = (f'{gx}, {gwt}, {gb} = _dense_backward({xs.name}, {wt.name}, {out.name}, {g.name}, {code}, {need_x}, '
+             f'{parts})')
     if sp is None:
         gen.emit(dense)
     else:
@@ -1529,14 +1532,15 @@ def _argument(a, i):
 
 
 def _thread_args(program):
-    """(sparse_parts, update_parts, conv_parts): numba's threads for the sparse kernels when the policy lets
-    them run (under 'auto' the first sparse batch then hands the cores over), for the updates of big
-    parameters, and for the convolution and pooling kernels (1 when the program has none)."""
+    """(sparse_parts, numba_parts, conv_parts): numba's threads for the sparse kernels when the policy lets
+    them run (under 'auto' the first sparse batch then hands the cores over), for big loops (the updates of
+    big parameters, the gather of a batch, a dense layer's two backward products: backend.numba_parts), and
+    for the convolution and pooling kernels (1 when the program has none)."""
     # backend.conv_parts first, as an eager step's first convolution comes before its updates: under 'auto'
-    # it hands the cores to numba, which update_parts then sees; a program without conv ops must not ask
+    # it hands the cores to numba, which numba_parts then sees; a program without conv ops must not ask
     conv = backend.conv_parts() if program.has_conv else 1
     sparse = numba.get_num_threads() if program.has_sparse and backend.sparse_allowed() else 0
-    return sparse, backend.update_parts(backend.PARALLEL_MIN_SIZE), conv
+    return sparse, backend.numba_parts(backend.PARALLEL_MIN_SIZE), conv
 
 
 def _cache_line_rows(shape, dtype):
@@ -1579,7 +1583,7 @@ def _source(gen, args, results, with_grad, epoch):
     rest += [f'H{o}' for o in range(len(gen.optimizers))]
     rest += [f'S{k}' for k in range(len(gen.state_args))]
     rest += [f'W{k}' for k in range(len(gen.scratch_specs))]
-    rest += ['sparse_parts', 'update_parts', 'conv_parts']
+    rest += ['sparse_parts', 'numba_parts', 'conv_parts']
     constants = ''.join(f'{name} = np.array({value.tolist()!r}, dtype=np.{value.dtype.name})\n'
                         for name, value in gen.constants.items())
     result_tuple = '(' + ''.join(f'{r.name}.copy(), ' if r.scratch else f'{r.name}, ' for r in results) + ')'
@@ -1599,8 +1603,8 @@ def _source(gen, args, results, with_grad, epoch):
         call = ', '.join(['xb', 'yb'] + rest)
         b = args[0].shape[0]
         # each batch gathered into the same two arrays, row by row as flat runs (any number of dimensions);
-        # a big batch on numba's threads when they own the cores (update_parts says so)
-        gather = ''.join(f'        _gather_rows({src}f, order, k * {b}, {v}f, update_parts)\n'
+        # a big batch on numba's threads when they own the cores (numba_parts says so)
+        gather = ''.join(f'        _gather_rows({src}f, order, k * {b}, {v}f, numba_parts)\n'
                          if a.size >= backend.PARALLEL_MIN_SIZE else
                          f'        for r in range({b}):\n'
                          f'            i = order[k * {b} + r]\n'

@@ -179,9 +179,10 @@ class Linear(Op):
     @staticmethod
     def backward(context, go):
         need_x, need_w, need_b = context['needs_input_grad']
-        gx, gwt, gb = OP_KERNELS['Linear'].backward(context['x'], context['wt'], context['y'],
-                                                    prepare(go, dtype=context['y'].dtype),
-                                                    context['code'], need_x, context['nonzeros'])
+        x, wt = context['x'], context['wt']
+        gx, gwt, gb = OP_KERNELS['Linear'].backward(x, wt, context['y'], prepare(go, dtype=context['y'].dtype),
+                                                    context['code'], need_x, context['nonzeros'],
+                                                    backend.numba_parts(x.shape[0] * wt.size))
         return gx, (gwt.T if need_w else None), (gb.reshape(context['bshape']) if need_b else None)
 
 

@@ -298,21 +298,35 @@ def act_bias_grad_rows(y, g, code):
     return gz, _column_sums(gz, m)
 
 
-@kernel
-def dense_backward(x, wt, y, g, code, need_gx):
-    """act_bias_grad, then gwt = x.T @ gz and (when need_gx, else an empty array) gx = gz @ wt.T."""
+@parallel_kernel
+def dense_backward(x, wt, y, g, code, need_gx, parts):
+    """act_bias_grad, then gwt = x.T @ gz and (when need_gx, else an empty array) gx = gz @ wt.T. With parts
+    > 1 the two products run at once, one on each of two threads: for when numba owns the cores and BLAS
+    runs on one thread (the same BLAS calls as one after the other, so the same results)."""
     gz, gb = act_bias_grad(y, g, code)
-    gx = gz @ wt.T if need_gx else g[:0, :0].copy()
-    return gx, x.T @ gz, gb
+    gwt = np.empty((x.shape[1], gz.shape[1]), g.dtype)
+    gx = np.empty((gz.shape[0], wt.shape[0]) if need_gx else (0, 0), g.dtype)
+    if need_gx and parts > 1:
+        for t in prange(2):
+            if t == 0:
+                np.dot(x.T, gz, gwt)
+            else:
+                np.dot(gz, wt.T, gx)
+    else:
+        np.dot(x.T, gz, gwt)
+        if need_gx:
+            np.dot(gz, wt.T, gx)
+    return gx, gwt, gb
 
 
-def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None):
+def linear_backward(x, wt, y, g, code, need_gx, nonzeros=None, parts=1):
     """From g = dL/dy: returns (gx or None, gwt = dL/dwt (in, out), gb (out,)).
 
     The activation derivative is taken from the saved output y and fused with the bias sum; with the
-    `nonzeros` the forward used, the weight gradient sums over them only."""
+    `nonzeros` the forward used, the weight gradient sums over them only. `parts`: the threads for the
+    dense path's two products (see dense_backward)."""
     if nonzeros is None:
-        gx, gwt, gb = dense_backward(x, wt, y, g, code, need_gx)
+        gx, gwt, gb = dense_backward(x, wt, y, g, code, need_gx, parts)
         return (gx if need_gx else None), gwt, gb
     gz, gb = act_bias_grad(y, g, code)
     cols, count = nonzeros

@@ -46,6 +46,9 @@ def check_linear(x, wt, b, g, name, sparse_parts=0):
         np.testing.assert_allclose(got, want, **tol)
     gx_skipped, _, _ = kernels.linear_backward(x, wt, y, g, code, False, nonzeros)
     assert gx_skipped is None
+    if nonzeros is None:  # the two products one on each of two threads: the same BLAS calls, the same bits
+        for got, want in zip(kernels.linear_backward(x, wt, y, g, code, True, None, 2), (gx, gwt, gb)):
+            np.testing.assert_array_equal(got, want)
     return nonzeros
 
 
@@ -467,10 +470,10 @@ def test_updates_use_threads_only_when_big_and_numba_owns_the_cores():
     from fastgrad import backend
     with backend.threads_restored():
         backend.set_threads('numba')
-        assert backend.update_parts(backend.PARALLEL_MIN_SIZE) == get_num_threads()
-        assert backend.update_parts(backend.PARALLEL_MIN_SIZE - 1) == 1
+        assert backend.numba_parts(backend.PARALLEL_MIN_SIZE) == get_num_threads()
+        assert backend.numba_parts(backend.PARALLEL_MIN_SIZE - 1) == 1
         backend.set_threads('blas')  # OpenBLAS's threads would fight numba's
-        assert backend.update_parts(10 * backend.PARALLEL_MIN_SIZE) == 1
+        assert backend.numba_parts(10 * backend.PARALLEL_MIN_SIZE) == 1
 
 
 @pytest.mark.parametrize('dtype', DTYPES)

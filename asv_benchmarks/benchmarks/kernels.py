@@ -32,7 +32,7 @@ kernels.linear_backward(X_SPARSE, W_T, Y_SPARSE, G, kernels.RELU, False, NONZERO
 kernels.cross_entropy_backward(PROBS, TARGETS, 1 / 128)
 SGD = np.array([0.01, 0.9, 0, 0, 0, 0], np.float32)
 ADAM = np.array([1e-3 / (1 - 0.9 ** 10), 0.9, 0.999, 1e-8, 0, 1 / np.sqrt(1 - 0.999 ** 10)], np.float32)
-UPDATE_PARTS = backend.update_parts(P.size)
+UPDATE_PARTS = backend.numba_parts(P.size)
 kernels.update(kernels.RULES['sgd'], P.copy(), GRAD, BUF.copy(), P[:0], SGD, UPDATE_PARTS)
 kernels.update(kernels.RULES['adam'], P.copy(), GRAD, M.copy(), V.copy(), ADAM, UPDATE_PARTS)
 
