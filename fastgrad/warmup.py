@@ -76,7 +76,8 @@ def _tasks(dtype, training):
 def warmup(dtype=np.float32, progress=False, training=None):
     """Runs every kernel once on tiny inputs of `dtype`, through the same calls training makes; with
     training='dense' or 'sparse', only those an MLP's training needs on dense or sparse inputs (the parallel
-    sparse-input and threaded-update kernels, a third of a cold compile, only for 'sparse').
+    sparse-input and threaded-update kernels, a third of a cold compile, only for 'sparse'; a dense layer's
+    backward is a parallel kernel for both).
 
     The thread policy is left as it was found (the sparse-input path would hand the cores to numba).
     Returns the seconds it took: a cold compile the first time on a machine, a cache load after that.
