@@ -10,9 +10,10 @@ pools stole each other's cores and a step took several times as long. So one of 
 time: 'blas' (OpenBLAS keeps its threads for the dense products; no numba threads run: the sparse-input
 path is off, optimizer updates and convolutions are serial) or 'numba' (SciPy's OpenBLAS on one thread; the
 sparse-input products, convolutions (an image per thread at a time), the updates of big parameters and a
-dense layer's two backward products (one on each thread) run on numba's threads). The default policy, 'auto', starts with 'blas' and hands the cores to numba for the
-rest of the process the first time a sparse input, a convolution or a max-pool comes, since then those
-kernels dominate a step. numpy's own BLAS is never touched.
+dense layer's two backward products (one on each thread) run on numba's threads). The default policy,
+'auto', starts with 'blas' and hands the cores to numba for the rest of the process the first time a
+sparse input, a convolution or a max-pool comes, since then those kernels dominate a step. numpy's own
+BLAS is never touched.
 """
 import contextlib
 import os

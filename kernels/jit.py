@@ -4,10 +4,10 @@ cache=True: later processes load the compiled code instead of compiling it again
 error_model='numpy': a float division by zero gives inf/nan as in numpy; numba's default checks every
 division and raises ZeroDivisionError, and that check stops LLVM from vectorising the loop.
 parallel_kernel: for the few loops worth splitting over cores (the sparse-input products, the images of a
-convolution or max-pool, the updates of big parameters, a dense layer's two backward products); starting a parallel region costs
-microseconds, so small loops stay serial. How many threads a parallel kernel uses is its caller's choice
-(a `parts` argument): kernels never ask numba or BLAS for thread counts (numba's get_num_threads inside a
-kernel would also stop it from being cached).
+convolution or max-pool, the updates of big parameters, a dense layer's two backward products); starting
+a parallel region costs microseconds, so small loops stay serial. How many threads a parallel kernel uses
+is its caller's choice (a `parts` argument): kernels never ask numba or BLAS for thread counts (numba's
+get_num_threads inside a kernel would also stop it from being cached).
 Vector width: on a CPU with AVX-512, LLVM's tuning for Intel's server cores keeps loops on 256-bit vectors.
 The sparse kernels run over weight rows held in L2 and are quicker on 512-bit ones, so before numba sets up
 its code generator the feature string it compiles with gets '-prefer-256-bit' (see wide_vectors).

@@ -114,7 +114,8 @@ def _pack_vector(typingctx, xi, j, ci, c, table):
         x_arr, j_val, c_arr, c_val, t_arr = args
         mask = _nonzero_lanes(context, builder, xi, x_arr, j_val, lanes)
         vty = ir.VectorType(ir.IntType(32), lanes)
-        ts, cs = context.make_array(table)(context, builder, t_arr), context.make_array(ci)(context, builder, c_arr)
+        ts = context.make_array(table)(context, builder, t_arr)
+        cs = context.make_array(ci)(context, builder, c_arr)
         row = builder.mul(builder.zext(builder.bitcast(mask, ir.IntType(lanes)), c_val.type),
                           ir.Constant(c_val.type, lanes))
         offsets = builder.load(builder.bitcast(builder.gep(ts.data, [row]), vty.as_pointer()), align=4)
