@@ -688,7 +688,7 @@ def _linear_forward(gen, ins, constants, context, value):
         sp = cols = count = None
         gen.emit(f'{y} = _affine({xs.name}, {wt.name}, {bf.name}, {relu})')
     if code in (kernels.SIGMOID, kernels.TANH):
-        gen.emit(f'_activate_loop({y}, {code})')
+        gen.emit(f'_activate_loop({y}, {y}, {code})')
     return Var(y, value.shape, value.dtype), (xs, wt, code, cols, count, sp)
 
 
@@ -753,13 +753,20 @@ def _loop_linear_forward(gen, x, w, b, code, value):
     gen.emit(f'    bj = {bf.name}[j]')
     gen.emit(f'    for r in range({rows}):')
     gen.emit(f'        {zt}[j, r] = bj')
-    gen.emit(f'    for f in range({ins}):')
+    # the last input's products and the activation in one loop: a relu of zt in place would store only the
+    # entries it changes, which LLVM makes a masked store (see kernels.activate_loop)
+    last = ins - 1 if code != kernels.IDENTITY and ins > 0 else ins
+    gen.emit(f'    for f in range({last}):')
     gen.emit(f'        wfj = {wt.name}[f, j]')
     gen.emit(f'        for r in range({rows}):')
     gen.emit(f'            {zt}[j, r] += wfj * {xt}[f, r]')
-    if code != kernels.IDENTITY:
+    if last < ins:
+        gen.emit(f'    wfj = {wt.name}[{last}, j]')
         gen.emit(f'    for r in range({rows}):')
-        gen.emit(f'        {zt}[j, r] = _activate({zt}[j, r], {code})')
+        gen.emit(f'        {zt}[j, r] = _activate({zt}[j, r] + wfj * {xt}[{last}, r], {code})')
+    elif code != kernels.IDENTITY:
+        gen.emit(f'    for r in range({rows}):')
+        gen.emit(f'        {zt}[j, r] = _activate(bj, {code})')
     return _transposed_var(zt, value.shape, value.dtype), ('loops', xt, wt, zt, code)
 
 
@@ -862,7 +869,7 @@ def _loop_cross_entropy(gen, logits, t, total, bad):
     probabilities."""
     rows, classes = logits.shape
     zt = logits.by_feature
-    probs = gen.scratch((classes, rows), logits.dtype)
+    probs, sums = gen.scratch((classes, rows), logits.dtype), gen.scratch((rows,), np.float64)
     gen.emit(f'{bad} = -1')
     gen.emit(f'for r in range({rows}):')
     gen.emit(f'    if {t}[r] < 0 or {t}[r] >= {classes}:')
@@ -881,22 +888,26 @@ def _loop_cross_entropy(gen, logits, t, total, bad):
     gen.emit(f'            e = np.exp({zt}[c, r] - mx)')
     gen.emit(f'            {probs}[c, r] = e')
     gen.emit('            s += e')
-    gen.emit(f'        for c in range({classes}):')
-    gen.emit(f'            {probs}[c, r] = {probs}[c, r] / s')
+    gen.emit(f'        {sums}[r] = s')
     gen.emit(f'        {total} += np.float64(mx) - {zt}[{t}[r], r]')
     gen.emit('        product *= s')
     gen.emit(f'        if product > {LOG_PRODUCT_MAX!r}:')
     gen.emit(f'            {total} += np.log(product)')
     gen.emit('            product = 1.0')
     gen.emit(f'    {total} += np.log(product)')
+    # the divisions in a loop of their own, over the rows: it vectorises (the loop above calls libm's exp)
+    gen.emit(f'    for c in range({classes}):')
+    gen.emit(f'        for r in range({rows}):')
+    gen.emit(f'            {probs}[c, r] = {probs}[c, r] / {sums}[r]')
     return probs
 
 
 def _activation(code):
     def forward(gen, ins, constants, context, value):
         (x,) = ins
-        y = gen.new(f'{gen.storage(x, value.dtype)}.copy()', value.shape, value.dtype, prefix='y')
-        gen.emit(f'_activate_loop({y.name}, {code})')
+        src = gen.new(gen.storage(x, value.dtype), value.shape, value.dtype)
+        y = gen.new(f'np.empty_like({src.name})', value.shape, value.dtype, prefix='y')
+        gen.emit(f'_activate_loop({src.name}, {y.name}, {code})')  # not in place: see activate_loop
         return y, None
 
     def backward(gen, ins, constants, needs, out, saved, g):

@@ -69,16 +69,18 @@ def activate(v, code):
 
 
 @kernel
-def activate_loop(z, code):
-    """activate_inplace as a numba loop over a C-contiguous z (a compiled step's)."""
-    flat = z.reshape(-1)
+def activate_loop(x, z, code):
+    """z = act(x) as a numba loop over C-contiguous arrays of one size (a compiled step's); x may be z, except
+    for relu: written in place, relu stores only the entries it changes, and LLVM makes that a masked store,
+    several times slower than storing them all (AMD's vmaskmovps)."""
+    src, flat = x.reshape(-1), z.reshape(-1)
     if code == SIGMOID:  # a branch outside each loop, so that the relu loop vectorises
         for i in range(flat.shape[0]):
-            flat[i] = activate(flat[i], SIGMOID)
+            flat[i] = activate(src[i], SIGMOID)
     elif code == TANH:
         for i in range(flat.shape[0]):
-            flat[i] = activate(flat[i], TANH)
+            flat[i] = activate(src[i], TANH)
     elif code == RELU:
         for i in range(flat.shape[0]):
-            flat[i] = activate(flat[i], RELU)
+            flat[i] = activate(src[i], RELU)
     return z

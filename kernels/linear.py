@@ -140,17 +140,23 @@ def sparse_affine(x, wt, b, relu, parts, block):
     y = np.empty((n, m), wt.dtype)
     for t in prange(parts):
         for i in range(n * t // parts, n * (t + 1) // parts):
-            yi, p0 = y[i], partial[0, i]
+            # the relu in the loop that adds the last part (relu in place would be a masked store: see
+            # activations.activate_loop)
+            yi, p0, last = y[i], partial[0, i], partial[parts - 1, i]
+            if parts == 1:
+                for k in range(m):
+                    v = p0[k]
+                    yi[k] = v if (v > 0) | (not relu) else v * 0
+                continue
             for k in range(m):
                 yi[k] = p0[k]
-            for s in range(1, parts):
+            for s in range(1, parts - 1):
                 ps = partial[s, i]
                 for k in range(m):
                     yi[k] += ps[k]
-            if relu:
-                for k in range(m):
-                    v = yi[k]
-                    yi[k] = v if v > 0 else v * 0
+            for k in range(m):
+                v = yi[k] + last[k]
+                yi[k] = v if (v > 0) | (not relu) else v * 0
     return y, cols, count
 
 

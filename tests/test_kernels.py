@@ -158,6 +158,9 @@ def test_sparse_forward_blocks_and_thread_splits(dtype, parts, block):
     padded = np.full((129, 16), np.nan, dtype)  # rows padded as a compiled epoch pads them: never read
     padded[:, :11] = wt
     np.testing.assert_array_equal(sparse_affine(x, padded, b, True, parts, block)[0], y)
+    linear = sparse_affine(x, wt, b, False, parts, block)[0]  # no relu: negative entries kept
+    np.testing.assert_allclose(linear, x.astype(np.float64) @ wt.astype(np.float64) + b,
+                               **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 129))
     gz = data((37, 11), dtype, 25)
     np.testing.assert_allclose(sparse_weight_grad(x, cols, count, gz), x.astype(np.float64).T @ gz,
                                **dict(TOL[dtype], atol=TOL[dtype]['atol'] * 37))
@@ -328,6 +331,26 @@ def test_elementwise_activations(dtype, name):
     np.testing.assert_allclose(y, ref, **TOL[dtype])
     g = data(x.shape, dtype, 5)
     np.testing.assert_allclose(kernels.activation_backward(y, g, code), g * DACT[name](y), **TOL[dtype])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('name', ['relu', 'sigmoid', 'tanh'])
+def test_activate_loop_into_another_array_or_in_place(dtype, name):
+    """A compiled step's activation loop, z = act(x): into another array (as the activation op runs it) and
+    in place (as a dense layer's sigmoid and tanh run it) give the same bits, equal to the eager kernel's
+    (libm's exp and tanh there: to rounding; relu as compiled code defines it, v * 0 below zero), NaN,
+    infinities and signed zeros included; x is left as it was when z is another array."""
+    special = np.array([0, -0.0, np.nan, np.inf, -np.inf, 80, -80], dtype=dtype)
+    x = np.concatenate([data(37, dtype), special]).reshape(4, 11)
+    code = kernels.ACTIVATION_CODES[name]
+    before = x.copy()
+    z = kernels.activate_loop(x, np.empty_like(x), code)
+    np.testing.assert_array_equal(x, before)
+    inplace = kernels.activate_loop(before, before, code)
+    np.testing.assert_array_equal(z.view(f'i{z.itemsize}'), inplace.view(f'i{z.itemsize}'))
+    with np.errstate(over='ignore', invalid='ignore'):  # relu as compiled code writes it: -inf * 0 is NaN
+        ref = np.where(x < 0, x * 0, x) if name == 'relu' else kernels.activation_forward(x.reshape(-1), code)
+    np.testing.assert_allclose(z, ref.reshape(x.shape), **TOL[dtype])
 
 
 def test_relu_propagates_nan():
