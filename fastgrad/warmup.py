@@ -43,7 +43,8 @@ def _tasks(dtype, training):
     sparse = [('sparse-input linear', backward(lambda: F.cross_entropy(
         sparse_layer(TensorNode(pixels, requires_grad=False), activation='relu'), np.zeros(16, dtype=np.int64))))]
     updates = [('sgd', step(lambda: SGD(params, lr=0.1)))]  # one kernel for every rule (threaded once sparse ran)
-    compiled = [('compiled-step activations', lambda: kernels.activate_loop(np.zeros(2, dtype), np.zeros(2, dtype), kernels.SIGMOID))]
+    compiled = [('compiled-step activations',
+                 lambda: kernels.activate_loop(np.zeros(2, dtype), np.zeros(2, dtype), kernels.SIGMOID))]
 
     def fused_update():  # a compiled step's update of a sparse-input weight (compile(..., keep_grads=False))
         wt, rule, h = np.zeros((256, 4), dtype), np.int64(kernels.RULES['sgd']), np.zeros(6, dtype)
