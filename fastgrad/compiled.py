@@ -337,6 +337,13 @@ class Generator:
         self.scratch_specs.append((tuple(shape), np.dtype(dtype)))
         return f'W{len(self.scratch_specs) - 1}'
 
+    def filled(self, values, dtype):
+        """The name of a scratch buffer that gets the expressions `values`, one an entry (a small array that a
+        call fills instead of allocating, as an update's hyperparameters)."""
+        name = self.scratch((len(values),), dtype)
+        self.emit(', '.join(f'{name}[{i}]' for i in range(len(values))) + ' = ' + ', '.join(values))
+        return name
+
     def by_feature(self, var, dtype):
         """The name of var's 2-D value transposed, (features, rows), C-contiguous, of `dtype`."""
         if var.by_feature is not None and np.dtype(dtype) == var.dtype:
@@ -488,7 +495,7 @@ class Generator:
                 rows = fused is not None
                 if rows and self.op_uses[id(p)] == 1:  # read by its own layer alone: run() may pad it
                     self.row_params.add(id(p))
-                p_arg = pvar.name if rows else f'{pvar.name}.reshape(-1)'
+                p_arg = pvar.name if rows else f'_flat({pvar.name})'
                 unused = f'np.empty(({p.value.shape[-1]}, 0), {dtype})' if rows else f'{p_arg}[:0]'  # rows of w.T
                 g_arg = self.stored_grad(g, pvar) if rows else self.flat_grad(g, pvar)
                 h = f'H{o}[{gi}]'
@@ -499,10 +506,9 @@ class Generator:
                     else:
                         buf = unused
                     key = (o, gi, dtype)
-                    if key not in self.hyper:  # one array per group and dtype, made once a step
-                        self.hyper[key] = self.new(f'np.array(({dtype}({h}[0]), {dtype}({h}[1]), {dtype}({h}[2]), '
-                                                   f'{dtype}(0), {dtype}(0), {dtype}(0)))', (6,), pvar.dtype,
-                                                   prefix='hyper').name
+                    if key not in self.hyper:  # one array per group and dtype, filled once a step
+                        self.hyper[key] = self.filled((f'{dtype}({h}[0])', f'{dtype}({h}[1])', f'{dtype}({h}[2])',
+                                                       f'{dtype}(0)', f'{dtype}(0)', f'{dtype}(0)'), pvar.dtype)
                     rule = f'np.int64({kernels.RULES["nesterov"]} if {h}[3] else {kernels.RULES["sgd"]})'
                     state = f'{buf}, {unused}, {self.hyper[key]}'
                 else:
@@ -512,11 +518,11 @@ class Generator:
                     # the step as a float: numba raises a float to an integer power by repeated squaring, an ulp
                     # off the libm pow that Python's beta ** step (the eager update's bias corrections) calls
                     t = f'np.float64(S{k}[0])'
-                    hyper = self.new(f'np.array(({dtype}({h}[0] / (1 - {h}[1] ** {t})), {dtype}({h}[1]), '
-                                     f'{dtype}({h}[2]), {dtype}({h}[3]), {dtype}({h}[4]), '
-                                     f'{dtype}(1 / np.sqrt(1 - {h}[2] ** {t}))))', (6,), pvar.dtype, prefix='hyper')
+                    hyper = self.filled((f'{dtype}({h}[0] / (1 - {h}[1] ** {t}))', f'{dtype}({h}[1])',
+                                         f'{dtype}({h}[2])', f'{dtype}({h}[3])', f'{dtype}({h}[4])',
+                                         f'{dtype}(1 / np.sqrt(1 - {h}[2] ** {t}))'), pvar.dtype)
                     rule = f'np.int64({kernels.RULES["adam"]})'
-                    state = f'{m}, {v}, {hyper.name}'
+                    state = f'{m}, {v}, {hyper}'
                 indent = ''
                 if rows:  # the sparse branch updates row by row as it sums them; the dense one after
                     rewrites, sparse, operands = fused
@@ -581,7 +587,7 @@ class Generator:
 
     def flat_grad(self, g, pvar):
         """g as a flat C-contiguous array in the memory order of pvar's storage."""
-        return f'{self.stored_grad(g, pvar)}.reshape(-1)'
+        return f'_flat({self.stored_grad(g, pvar)})'
 
 
 def _grad_dtype(value):
@@ -668,7 +674,7 @@ def _linear_forward(gen, ins, constants, context, value):
         return _loop_linear_forward(gen, x, w, b, code, value)
     xs = gen.new(gen.storage(x, value.dtype), x.shape, value.dtype)
     wt = gen.new(gen.weight_t(w, value.dtype), (w.shape[1], w.shape[0]), value.dtype, prefix='wt')
-    bf = gen.new(f'{gen.storage(b, value.dtype)}.reshape(-1)', (w.shape[0],), value.dtype)
+    bf = gen.new(f'_flat({gen.storage(b, value.dtype)})', (w.shape[0],), value.dtype)
     y, cols, count, sp = gen.fresh('y'), gen.fresh('cols'), gen.fresh('count'), gen.fresh('sparse')
     relu = code == kernels.RELU
     # the sparse path as eager takes it: an input that needs no gradient, big and sparse enough
@@ -727,7 +733,7 @@ def _linear_backward(gen, ins, constants, needs, out, saved, g):
                 rewrites = {gz_line: f'    {gz}, {gb} = _act_bias_grad_rows({out.name}, {g.name}, {code})',
                             gz_line + 1: f'    {gwt} = np.empty((0, 0), {_dtype_name(out.dtype)})'}
                 gwv.fusable = (rewrites, sp, f'{xs.name}, {cols}, {count}, {gz}, {m}')
-    gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
+    gbv = _bias_grad(gen, gb, b, out.dtype) if need_b else None
     return gxv, gwv, gbv
 
 
@@ -747,7 +753,7 @@ def _loop_linear_forward(gen, x, w, b, code, value):
     gen.loop_layers += 1
     xt = gen.by_feature(x, value.dtype)
     wt = gen.new(gen.weight_t(w, value.dtype), (ins, outs), value.dtype, prefix='wt')
-    bf = gen.new(f'{gen.storage(b, value.dtype)}.reshape(-1)', (outs,), value.dtype)
+    bf = gen.new(f'_flat({gen.storage(b, value.dtype)})', (outs,), value.dtype)
     zt = gen.scratch((outs, rows), value.dtype)
     gen.emit(f'for j in range({outs}):')
     gen.emit(f'    bj = {bf.name}[j]')
@@ -777,6 +783,18 @@ def _transposed_var(name, shape, dtype):
     return var
 
 
+def _bias_grad(gen, gb, b, dtype):
+    """The gradient of the bias b from its flat array gb, in b's shape: a view made by indexing where it can be
+    (numba's reshape calls a C helper)."""
+    if len(b.shape) == 1:
+        expr = gb
+    elif len(b.shape) == 2 and b.shape[0] == 1:
+        expr = f'{gb}[None, :]'
+    else:
+        expr = f'{gb}.reshape({b.shape})'
+    return gen.new(expr, b.shape, dtype)
+
+
 def _loop_linear_backward(gen, ins, needs, out, saved, g):
     x, w, b = ins
     _, xt, wt, zt, code = saved
@@ -786,8 +804,7 @@ def _loop_linear_backward(gen, ins, needs, out, saved, g):
     gt = gen.by_feature(g, out.dtype)
     derivative = code != kernels.IDENTITY
     gz = gen.scratch((outs, rows), out.dtype) if derivative else gt
-    gb, gwt = gen.fresh('gb'), gen.fresh('gwt')
-    gen.emit(f'{gb} = np.empty({outs}, {dtype})')
+    gb, gwt = gen.scratch((outs,), out.dtype), gen.scratch((n_in, outs), out.dtype)
     gen.emit(f'for j in range({outs}):')
     gen.emit('    s = 0.0')  # in float64, as kernels.act_bias_grad
     gen.emit(f'    for r in range({rows}):')
@@ -800,7 +817,6 @@ def _loop_linear_backward(gen, ins, needs, out, saved, g):
     gen.emit(f'    {gb}[j] = s')
     gwv = None
     if need_w:
-        gen.emit(f'{gwt} = np.empty(({n_in}, {outs}), {dtype})')
         gen.emit(f'for f in range({n_in}):')
         gen.emit(f'    for j in range({outs}):')
         gen.emit(f'        s = {dtype}(0)')
@@ -808,6 +824,7 @@ def _loop_linear_backward(gen, ins, needs, out, saved, g):
         gen.emit(f'            s += {xt}[f, r] * {gz}[j, r]')
         gen.emit(f'        {gwt}[f, j] = s')
         gwv = gen.new(f'{gwt}.T', w.shape, out.dtype, prefix='gw', contiguous=False)
+        gwv.scratch = True
         if w.transposed:
             gwv.storage_of, gwv.storage_name = w, gwt
     gxv = None
@@ -821,7 +838,10 @@ def _loop_linear_backward(gen, ins, needs, out, saved, g):
         gen.emit(f'        for r in range({rows}):')
         gen.emit(f'            {gxt}[f, r] += wfj * {gz}[j, r]')
         gxv = _transposed_var(gxt, x.shape, out.dtype)
-    gbv = gen.new(f'{gb}.reshape({b.shape})', b.shape, out.dtype) if need_b else None
+    gbv = None
+    if need_b:
+        gbv = _bias_grad(gen, gb, b, out.dtype)
+        gbv.scratch = True
     return gxv, gwv, gbv
 
 
@@ -911,7 +931,7 @@ def _activation(code):
         return y, None
 
     def backward(gen, ins, constants, needs, out, saved, g):
-        return (gen.new(f'_activation_backward({out.name}.reshape(-1), np.ascontiguousarray({g.name}).reshape(-1), '
+        return (gen.new(f'_activation_backward(_flat({out.name}), _flat(np.ascontiguousarray({g.name})), '
                         f'{code}).reshape({out.shape})', out.shape, out.dtype),)
     return Emitter(forward, backward)
 
@@ -1119,6 +1139,7 @@ from fastgrad.kernels.optim import apply_rows, apply_update, update_parallel, up
 from fastgrad.kernels.softmax import (cross_entropy_backward as _cross_entropy_backward,
                                       cross_entropy_forward as _cross_entropy_forward, log_softmax as _log_softmax,
                                       log_softmax_backward as _log_softmax_backward, softmax as _softmax)
+from fastgrad.kernels.views import flat as _flat
 '''
 
 
@@ -1467,7 +1488,7 @@ class CompiledStep:
             order = np.ascontiguousarray(order, dtype=np.int64)
         n = len(order)
         full = n // batch_size
-        losses = []
+        out = np.empty(0)
         if full:
             key = (((batch_size,) + x.shape[1:], x.dtype), ((batch_size,) + y.shape[1:], y.dtype))
             program, arrays = self._program(key)
@@ -1498,11 +1519,10 @@ class CompiledStep:
                 k = status >> 8
                 idx = order[k * batch_size:(k + 1) * batch_size]
                 self.fn(x[idx], y[idx])  # eagerly, which raises the error
-            losses.extend(out.tolist())
         if n % batch_size:
             idx = order[full * batch_size:]
-            losses.append(self(x[idx], y[idx]))
-        return np.array([float(v) for v in losses])
+            out = np.append(out, float(self(x[idx], y[idx])))
+        return out
 
 
 def _global_names(code):

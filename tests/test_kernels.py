@@ -126,6 +126,34 @@ def test_nonzero_columns_compiled_is_its_python_definition(dtype):
                 np.testing.assert_array_equal(cp[:len(want)], want)
 
 
+def test_flat_is_a_view_of_its_array_in_order():
+    """The compiled flat(a) is a.reshape(-1): for a C-contiguous array of any rank (empty, one number, a
+    transposed F-ordered one) a 1-D view of the same memory, so writes through it land in a; an array that is
+    not contiguous goes to numba's reshape, which refuses it when compiling."""
+    from numba import njit
+    from numba.core.errors import TypingError
+    from fastgrad.kernels.views import flat
+
+    @njit
+    def doubled(a):
+        v = flat(a)
+        for i in range(v.shape[0]):
+            v[i] *= 2
+        return v
+
+    grid = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    for a in (grid, grid[1], grid[1, 2], np.arange(6.0).reshape(2, 3, order='F').T, np.zeros((0, 3)),
+              np.array([[5.0]]), np.arange(3, dtype=np.int64)):
+        before = a.copy()
+        v = doubled(a)
+        assert v.ndim == 1 and v.dtype == a.dtype and v.size == a.size
+        np.testing.assert_array_equal(v, flat(before) * 2)
+        np.testing.assert_array_equal(a, before * 2)  # written through: a view, not a copy
+        assert v.size == 0 or np.shares_memory(v, a)
+    with pytest.raises(TypingError, match='contiguous'):
+        doubled(grid[:, :, ::2])
+
+
 def test_kernels_are_cached_against_all_of_their_folder():
     """A cached kernel is checked against every source file of kernels/ (it inlines helpers from the
     others), a function elsewhere against its own file as numba does."""
