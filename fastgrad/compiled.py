@@ -56,6 +56,7 @@ import numpy as np
 from . import backend, kernels, ops
 from .conv import Conv2dOp, FlattenOp, MaxPool2dOp, conv_geometry, pool_geometry
 from .core import TensorNode, tracing
+from .kernels.batch import indices_within
 from .kernels.jit import CACHE_LINE, SOURCE_HASH
 from .kernels.linear import (SPARSE_MAX_DENSITY, SPARSE_MIN_SIZE, SAMPLE_ROWS, cache_line_rows,
                              cache_line_width, sparse_block)
@@ -1483,9 +1484,9 @@ class CompiledStep:
             order = np.asarray(order)
             if order.ndim != 1 or order.dtype.kind not in 'iu':
                 raise ValueError(f'run: order must be a 1-D array of row indices, got {order.dtype} {order.shape}')
-            if len(order) and (order.min() < 0 or order.max() >= len(x)):
-                raise ValueError(f'run: order holds row indices outside 0..{len(x) - 1}')
             order = np.ascontiguousarray(order, dtype=np.int64)
+            if not indices_within(order, len(x)):
+                raise ValueError(f'run: order holds row indices outside 0..{len(x) - 1}')
         n = len(order)
         full = n // batch_size
         out = np.empty(0)

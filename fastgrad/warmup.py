@@ -12,6 +12,7 @@ from numba.core import event
 from . import backend, kernels
 from . import functions as F
 from .core import TensorNode
+from .kernels.batch import indices_within
 from .kernels.linear import (act_bias_grad_rows, cache_line_rows, cache_line_width, first_columns, sparse_affine,
                              sparse_weight_grad_update)
 from .kernels.optim import update_rows
@@ -44,7 +45,8 @@ def _tasks(dtype, training):
         sparse_layer(TensorNode(pixels, requires_grad=False), activation='relu'), np.zeros(16, dtype=np.int64))))]
     updates = [('sgd', step(lambda: SGD(params, lr=0.1)))]  # one kernel for every rule (threaded once sparse ran)
     compiled = [('compiled-step activations',
-                 lambda: kernels.activate_loop(np.zeros(2, dtype), np.zeros(2, dtype), kernels.SIGMOID))]
+                 lambda: kernels.activate_loop(np.zeros(2, dtype), np.zeros(2, dtype), kernels.SIGMOID)),
+                ('compiled-epoch order check', lambda: indices_within(np.arange(3), 3))]
 
     def fused_update():  # a compiled step's update of a sparse-input weight (compile(..., keep_grads=False))
         wt, rule, h = np.zeros((256, 4), dtype), np.int64(kernels.RULES['sgd']), np.zeros(6, dtype)

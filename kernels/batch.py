@@ -1,7 +1,18 @@
-"""A batch gathered from a dataset's rows (a compiled epoch's first step of every batch)."""
+"""A batch gathered from a dataset's rows (a compiled epoch's first step of every batch), and the check of the
+row indices it is gathered by."""
 from numba import prange
 
-from .jit import parallel_kernel
+from .jit import kernel, parallel_kernel
+
+
+@kernel
+def indices_within(indices, n):
+    """Whether every entry of indices (1-D integers) is in 0..n-1: one pass that vectorises, where numpy's
+    min() and max() take two."""
+    outside = False
+    for i in range(indices.shape[0]):
+        outside |= (indices[i] < 0) | (indices[i] >= n)
+    return not outside
 
 
 @parallel_kernel

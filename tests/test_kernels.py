@@ -654,3 +654,14 @@ def test_gather_rows_takes_the_batch_from_the_order(parts):
     dst = np.empty((13, 7), np.float32)
     gather_rows(src, order, 20, dst, parts)
     np.testing.assert_array_equal(dst, src[order[20:33]])
+
+
+def test_indices_within_finds_any_index_outside_the_rows():
+    from fastgrad.kernels.batch import indices_within
+    order = np.random.default_rng(33).permutation(50)
+    assert indices_within(order, 50) and indices_within(order[:0], 0)
+    for k in (0, 17, 49):
+        for bad in (-1, 50, np.iinfo(np.int64).min, np.iinfo(np.int64).max):
+            wrong = order.copy()
+            wrong[k] = bad
+            assert not indices_within(wrong, 50)
