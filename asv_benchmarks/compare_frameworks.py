@@ -99,12 +99,19 @@ def fastgrad_trainers(make_model):
     return {'fastgrad': epoch, 'fastgrad-step': compiled_step, 'fastgrad-eager': eager}
 
 
+def initial_weights(sizes):
+    """(in, out) float32 weights drawn as fastgrad's relu MLP draws its own: normal, He (std sqrt(2 / in))
+    for the layers before a relu, Glorot (sqrt(2 / (in + out))) for the output layer."""
+    rng = np.random.default_rng(0)
+    last = len(sizes) - 2
+    return [(rng.standard_normal((i, o)) * np.sqrt(2 / (i + (o if k == last else 0)))).astype(np.float32)
+            for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
+
+
 def jax_functions(sizes, lr, momentum):
     import jax
     import jax.numpy as jnp
-    rng = np.random.default_rng(0)
-    params = [(jnp.asarray((rng.standard_normal((i, o)) * np.sqrt(2 / i)).astype(np.float32)),
-               jnp.zeros(o, jnp.float32)) for i, o in zip(sizes[:-1], sizes[1:])]
+    params = [(jnp.asarray(w), jnp.zeros(w.shape[1], jnp.float32)) for w in initial_weights(sizes)]
     bufs = jax.tree_util.tree_map(jnp.zeros_like, params)
 
     def loss_fn(params, xb, yb):
@@ -172,8 +179,7 @@ def numpy_trainer(sizes, lr, momentum):
 
 
 def numpy_step(sizes, lr, momentum):
-    rng = np.random.default_rng(0)
-    ws = [(rng.standard_normal((i, o)) * np.sqrt(2 / i)).astype(np.float32) for i, o in zip(sizes[:-1], sizes[1:])]
+    ws = initial_weights(sizes)
     bs = [np.zeros(o, np.float32) for o in sizes[1:]]
     params = ws + bs
     bufs = [np.zeros_like(p) for p in params]
@@ -222,10 +228,12 @@ def torch_step(model, lr, momentum):
 
 def torch_trainer(sizes, lr, momentum):
     import torch
-    torch.manual_seed(0)
     layers = []
-    for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(i, o))
+    for k, w in enumerate(initial_weights(sizes)):
+        layers.append(torch.nn.Linear(*w.shape))
+        with torch.no_grad():
+            layers[-1].weight.copy_(torch.from_numpy(w.T))
+            layers[-1].bias.zero_()
         if k < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
     return torch_step(torch.nn.Sequential(*layers), lr, momentum)

@@ -1,9 +1,11 @@
 """The framework comparison script end to end: a smoke test of its table (it times, but no speed is asserted)."""
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # frameworks trained in subprocesses
@@ -33,3 +35,21 @@ def test_compare_frameworks_prints_medians_and_round_ratios():
     ratio, half = float(parsed[1][1]), 0.00005
     low, high = (mine - half) / (numpy_s + half) - 0.005, (mine + half) / (numpy_s - half) + 0.005
     assert low - 1e-9 <= ratio <= high + 1e-9, run.stdout
+
+
+def test_peers_start_from_weights_drawn_as_fastgrads_mlp():
+    """numpy, PyTorch and JAX start from the same weights, drawn as fastgrad's relu MLP draws its own (He
+    normal before a relu, Glorot for the output): the same first loss, and the same spread as fastgrad's."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import compare_frameworks as cf
+    import fastgrad as fg
+    sizes = [784, 300, 10]
+    for w, layer in zip(cf.initial_weights(sizes), fg.MLP(784, 10, hidden=[300], rng=0).layers):
+        assert w.shape == layer.w.value.T.shape and w.dtype == layer.w.value.dtype
+        assert w.std() == pytest.approx(layer.w.value.std(), rel=0.03)
+    rng = np.random.default_rng(1)
+    xb, yb = rng.random((64, 784), dtype=np.float32), rng.integers(0, 10, 64)
+    losses = {'numpy': cf.numpy_step(sizes, 0.01, 0.9)(xb, yb), 'torch': cf.torch_trainer(sizes, 0.01, 0.9)[1](xb, yb)}
+    if importlib.util.find_spec('jax'):
+        losses['jax'] = cf.jax_step_trainer(sizes, 0.01, 0.9)[1](xb, yb)
+    assert all(loss == pytest.approx(losses['numpy'], rel=1e-5) for loss in losses.values()), losses

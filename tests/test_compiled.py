@@ -22,14 +22,14 @@ def dataset(kind, dtype, n=2000, seed=0):
     if kind == 'mixed':  # a layer for BLAS, then one small enough to be written out as loops
         x = rng.standard_normal((n, 20)).astype(dtype)
         return x, (x[:, 0] * x[:, 1] > 0).astype(np.int64) + (x[:, 2] > 0.5), 3
-    x = rng.random((n, 784)).astype(dtype)  # MNIST-like: 19 % nonzero, so the first layer takes the sparse path
+    x = rng.random((n, 784)).astype(dtype)  # sparse, mnist: 19 % nonzero, so the first layer takes the sparse path
     x[rng.random(x.shape) > 0.19] = 0
     return x, rng.integers(0, 10, n), 10
 
 
 def make(kind, activation, optimizer, dtype, classes, features):
-    model = fg.MLP(features, classes, hidden=[16] if kind == 'synth' else [64], activation=activation, dtype=dtype,
-                   rng=0)
+    hidden = {'synth': [16], 'mnist': [300]}.get(kind, [64])  # mnist: the 784-300-10
+    model = fg.MLP(features, classes, hidden=hidden, activation=activation, dtype=dtype, rng=0)
     if optimizer == 'sgd':
         opt = fg.SGD(model.parameters(), lr=0.05, momentum=0.9)
     elif optimizer == 'nesterov':
@@ -85,6 +85,10 @@ CASES = [
                  marks=pytest.mark.slow),
     pytest.param('mixed', 'tanh', 'sgd', np.float32, 1e-5, 'loops', id='mixed-tanh-sgd-f32-loops',
                  marks=pytest.mark.slow),
+    pytest.param('mnist', 'relu', 'adam', np.float64, 0, 'blas', id='mnist-relu-adam-f64', marks=pytest.mark.slow),
+    pytest.param('mnist', 'tanh', 'sgd', np.float64, 1e-12, 'blas', id='mnist-tanh-sgd-f64', marks=pytest.mark.slow),
+    pytest.param('mnist', 'sigmoid', 'sgd', np.float32, 1e-5, 'blas', id='mnist-sigmoid-sgd-f32',
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -109,7 +113,7 @@ def test_compiled_steps_equal_eager_steps(kind, activation, optimizer, dtype, rt
     program = step.programs[next(iter(step.programs))]
     loop_layers = {'blas': 0, 'loops': 1 if kind == 'mixed' else 2}[layers]  # mixed: 20-64 by BLAS, 64-3 loops
     assert program.loop_layers == loop_layers
-    if kind == 'sparse':
+    if kind in ('sparse', 'mnist'):
         assert program.has_sparse
 
 
@@ -722,10 +726,17 @@ def test_train_compiled_and_eager_give_the_same_log_and_resume_across(tmp_path):
     run_train(tmp_path, '-e', '2', '--eager', '--checkpoint', 'ck')
     run_train(tmp_path, '-e', '3', '--checkpoint', 'ck', '--resume', '--log', 'resumed.jsonl')
     assert_same_log(log(tmp_path / 'resumed.jsonl'), log(tmp_path / 'eager.jsonl'), 1e-6)
-    # a wider MLP runs the eager kernels: bit for bit
+    run_train(tmp_path, '-e', '2', '--checkpoint', 'ck-compiled')  # and a compiled checkpoint resumed eagerly
+    run_train(tmp_path, '-e', '3', '--eager', '--checkpoint', 'ck-compiled', '--resume', '--log', 'resumed-eager.jsonl')
+    assert_same_log(log(tmp_path / 'resumed-eager.jsonl'), log(tmp_path / 'compiled.jsonl'), 1e-6)
+    # a wider MLP runs the eager kernels: bit for bit, both ways
     run_train(tmp_path, '-e', '2', '--hidden', '200', '--log', 'wide-compiled.jsonl')
     run_train(tmp_path, '-e', '2', '--hidden', '200', '--eager', '--log', 'wide-eager.jsonl')
     assert log(tmp_path / 'wide-compiled.jsonl') == log(tmp_path / 'wide-eager.jsonl')
+    run_train(tmp_path, '-e', '1', '--hidden', '200', '--checkpoint', 'ck-wide')
+    run_train(tmp_path, '-e', '2', '--hidden', '200', '--eager', '--checkpoint', 'ck-wide', '--resume',
+              '--log', 'wide-resumed-eager.jsonl')
+    assert log(tmp_path / 'wide-resumed-eager.jsonl') == log(tmp_path / 'wide-eager.jsonl')
 
 
 # -- convolutions
