@@ -230,7 +230,7 @@ def torch_trainer(sizes, lr, momentum):
     import torch
     layers = []
     for k, w in enumerate(initial_weights(sizes)):
-        layers.append(torch.nn.Linear(*w.shape))
+        layers.append(torch.nn.Linear(*w.shape, dtype=torch.float32))
         with torch.no_grad():
             layers[-1].weight.copy_(torch.from_numpy(w.T))
             layers[-1].bias.zero_()

@@ -5,7 +5,15 @@ import pytest
 import fastgrad as fg
 
 torch = pytest.importorskip('torch')
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def torch_float64_by_default():
+    """torch's modules in float64 in this file's tests, and back to torch's default for the other files."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def torch_mlp(mlp, activation):
