@@ -100,12 +100,9 @@ def fastgrad_trainers(make_model):
 
 
 def initial_weights(sizes):
-    """(in, out) float32 weights drawn as fastgrad's relu MLP draws its own: normal, He (std sqrt(2 / in))
-    for the layers before a relu, Glorot (sqrt(2 / (in + out))) for the output layer."""
-    rng = np.random.default_rng(0)
-    last = len(sizes) - 2
-    return [(rng.standard_normal((i, o)) * np.sqrt(2 / (i + (o if k == last else 0)))).astype(np.float32)
-            for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:]))]
+    """The (in, out) float32 weights fastgrad's MLP starts from (He normal before a relu, Glorot normal for
+    the output layer): every peer starts where fastgrad does."""
+    return [np.ascontiguousarray(layer.w.value.T) for layer in mlp_model(sizes).layers]
 
 
 def jax_functions(sizes, lr, momentum):

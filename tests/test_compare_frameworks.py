@@ -38,8 +38,8 @@ def test_compare_frameworks_prints_medians_and_round_ratios():
 
 
 def test_peers_start_from_weights_drawn_as_fastgrads_mlp():
-    """numpy, PyTorch and JAX start from the same weights, drawn as fastgrad's relu MLP draws its own (He
-    normal before a relu, Glorot for the output): the same first loss, and the same spread as fastgrad's."""
+    """numpy, PyTorch and JAX start from the weights fastgrad's relu MLP starts from (He normal before a relu,
+    Glorot for the output): the same first loss, and the same spread as fastgrad's."""
     sys.path.insert(0, str(SCRIPT.parent))
     import compare_frameworks as cf
     import fastgrad as fg
